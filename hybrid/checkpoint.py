@@ -1,0 +1,195 @@
+"""Checkpoint: a Hugging Face safetensors folder (sharded through model.safetensors.index.json, or one file).
+
+Opening reads config.json and the safetensors headers only (a few MB for K2's 62 shards, ~1 TB), checks
+every shard against its header and every tensor against config.json, and raises one CheckpointError that
+names the file and tensor on the first disagreement, so a bad download fails before any generation starts.
+Tensor data is read later, one tensor at a time, through safetensors' mmap.
+
+safetensors layout (what `read_header` checks): 8-byte little-endian header length N, N bytes of JSON
+{name: {dtype, shape, data_offsets: [begin, end]}}, then the data; offsets count from byte 8 + N.
+"""
+
+import json
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from hybrid import fp8, names
+from hybrid.config import ModelConfig, load_config
+from hybrid.errors import CheckpointError
+
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+DTYPE_BYTES = {"F8_E4M3": 1, "BF16": 2, "F16": 2, "F32": 4, "F64": 8, "I64": 8, "I32": 4, "I16": 2, "I8": 1,
+               "U8": 1, "BOOL": 1}
+FLOAT_DTYPES = ("BF16", "F16", "F32")
+MAX_HEADER_BYTES = 100 * 1024 * 1024  # safetensors' own limit; a larger length field means a corrupt file
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    path: Path
+    dtype: str  # safetensors dtype string: BF16, F32, F8_E4M3, ...
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        n = DTYPE_BYTES[self.dtype]
+        for d in self.shape:
+            n *= d
+        return n
+
+
+def read_header(path: Path) -> dict[str, TensorInfo]:
+    """Parse one shard's header and check that every tensor's bytes lie inside the file."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise CheckpointError(f"{path}: truncated safetensors file ({size} bytes, no header)")
+            (n,) = struct.unpack("<Q", head)
+            if n > min(MAX_HEADER_BYTES, size - 8):
+                raise CheckpointError(f"{path}: corrupt or truncated safetensors header (length {n}, file {size} bytes)")
+            header = json.loads(f.read(n))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: corrupt safetensors header ({e})") from None
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read ({e.strerror})") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: corrupt safetensors header (not a JSON object)")
+    data_bytes = size - 8 - n
+    out = {}
+    for name, meta in header.items():
+        if name == "__metadata__":
+            continue
+        info = _tensor_info(path, name, meta)
+        begin, end = meta["data_offsets"]
+        if end - begin != info.nbytes or begin < 0:
+            raise CheckpointError(f"{path}: tensor {name}: data_offsets {meta['data_offsets']} do not hold "
+                                  f"{info.dtype}{list(info.shape)} ({info.nbytes} bytes)")
+        if end > data_bytes:
+            raise CheckpointError(f"{path}: truncated: tensor {name} ends at byte {8 + n + end}, file has {size}")
+        out[name] = info
+    return out
+
+
+def _tensor_info(path: Path, name: str, meta) -> TensorInfo:
+    try:
+        dtype, shape, offsets = meta["dtype"], tuple(meta["shape"]), meta["data_offsets"]
+        ok = dtype in DTYPE_BYTES and all(isinstance(d, int) and d >= 0 for d in shape) and len(offsets) == 2
+    except (KeyError, TypeError):
+        ok = False
+    if not ok:
+        raise CheckpointError(f"{path}: tensor {name}: corrupt header entry {meta!r}")
+    return TensorInfo(name, path, dtype, shape)
+
+
+class Checkpoint:
+    """An opened, validated checkpoint folder: its ModelConfig and a lazy view of its tensors."""
+
+    def __init__(self, folder: Path, config: ModelConfig, tensors: dict[str, TensorInfo]):
+        self.folder, self.config, self.tensors = folder, config, tensors
+        self._handles = {}
+
+    @classmethod
+    def open(cls, folder) -> "Checkpoint":
+        folder = Path(folder)
+        if not folder.is_dir():
+            raise CheckpointError(f"{folder}: not a checkpoint folder")
+        config = load_config(folder / "config.json")
+        ckpt = cls(folder, config, _list_tensors(folder))
+        ckpt.validate()
+        return ckpt
+
+    def validate(self):
+        """Every tensor config.json implies is present with its shape and a float or block-FP8 dtype."""
+        cfg, expected = self.config, names.expected_tensors(self.config)
+        for name, shape in expected.items():
+            info = self.tensors.get(name)
+            if info is None:
+                raise CheckpointError(f"{self.folder}: tensor {name} is missing (config.json {cfg.source} implies it)")
+            if info.shape != shape:
+                raise CheckpointError(f"{info.path}: tensor {name} has shape {list(info.shape)}, "
+                                      f"config.json implies {list(shape)}")
+            if info.dtype == "F8_E4M3":
+                self._check_fp8(info)
+            elif info.dtype not in FLOAT_DTYPES:
+                raise CheckpointError(f"{info.path}: tensor {name} has dtype {info.dtype}; expected one of "
+                                      f"{', '.join(FLOAT_DTYPES)} or F8_E4M3 with {names.SCALE_SUFFIX}")
+        for name, info in self.tensors.items():
+            owner = name[: -len(names.SCALE_SUFFIX)] if name.endswith(names.SCALE_SUFFIX) else name
+            if owner not in expected and not names.ignored(name, cfg):
+                raise CheckpointError(f"{info.path}: tensor {name} is not part of the model config.json describes "
+                                      f"({cfg.source})")
+
+    def _check_fp8(self, info: TensorInfo):
+        block = self.config.fp8_block
+        if block is None:
+            raise CheckpointError(f"{info.path}: tensor {info.name} is float8 but config.json has no quantization_config")
+        if not names.quantizable(info.name):
+            raise CheckpointError(f"{info.path}: tensor {info.name} is float8, but this tensor is never block-FP8")
+        sname = names.scale_name(info.name)
+        scale = self.tensors.get(sname)
+        want = fp8.scale_shape(info.shape, block)
+        if scale is None:
+            raise CheckpointError(f"{self.folder}: tensor {sname} is missing (scale of float8 tensor {info.name})")
+        if scale.shape != want or scale.dtype not in FLOAT_DTYPES:
+            raise CheckpointError(f"{scale.path}: tensor {sname} is {scale.dtype}{list(scale.shape)}; expected "
+                                  f"F32{list(want)} for {info.name}{list(info.shape)} in {block[0]}x{block[1]} blocks")
+
+    def is_fp8(self, name: str) -> bool:
+        return self.tensors[name].dtype == "F8_E4M3"
+
+    def raw(self, name: str) -> torch.Tensor:
+        """The tensor as stored (float8 stays float8), read through the shard's mmap."""
+        info = self.tensors.get(name)
+        if info is None:
+            raise CheckpointError(f"{self.folder}: no tensor {name}")
+        handle = self._handles.get(info.path)
+        if handle is None:
+            handle = self._handles[info.path] = safe_open(str(info.path), framework="pt", device="cpu")
+        return handle.get_tensor(name)
+
+    def weight(self, name: str, dtype=torch.float32) -> torch.Tensor:
+        """The tensor in `dtype`; block-FP8 is first dequantized to bf16, as DeepSeek's reference conversion does,
+        so an FP8 checkpoint yields exactly the weights of its converted bf16 twin."""
+        t = self.raw(name)
+        if t.dtype == torch.float8_e4m3fn:
+            t = fp8.dequantize(t, self.raw(names.scale_name(name)), self.config.fp8_block, torch.bfloat16)
+        return t.to(dtype)
+
+    def total_bytes(self) -> int:
+        return sum(i.nbytes for i in self.tensors.values())
+
+
+def _list_tensors(folder: Path) -> dict[str, TensorInfo]:
+    index_path = folder / INDEX_FILE
+    if not index_path.is_file():
+        single = folder / SINGLE_FILE
+        if not single.is_file():
+            raise CheckpointError(f"{folder}: neither {INDEX_FILE} nor {SINGLE_FILE} found")
+        return read_header(single)
+    try:
+        weight_map = json.loads(index_path.read_text())["weight_map"]
+        if not isinstance(weight_map, dict):
+            raise TypeError
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
+        raise CheckpointError(f"{index_path}: not a safetensors index (needs a 'weight_map' object)") from None
+    headers = {}
+    for shard in sorted(set(weight_map.values())):
+        path = folder / shard
+        if not path.is_file():
+            raise CheckpointError(f"{path}: shard named by {INDEX_FILE} is missing")
+        headers[shard] = read_header(path)
+    tensors = {}
+    for name, shard in weight_map.items():
+        info = headers[shard].get(name)
+        if info is None:
+            raise CheckpointError(f"{folder / shard}: tensor {name} is named by {INDEX_FILE} but not in this shard")
+        tensors[name] = info
+    return tensors

@@ -1,0 +1,133 @@
+"""The `hybrid` command: thin click front ends that parse flags into dataclasses and call the library."""
+
+import json
+import sys
+from pathlib import Path
+
+import click
+from rich.console import Console
+from rich.markup import escape
+
+from hybrid.errors import HybridError
+
+err = Console(stderr=True)
+
+
+class HybridGroup(click.Group):
+    """Turns a HybridError anywhere below into one red line and exit code 2, never a traceback."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except HybridError as e:
+            err.print(f"[bold red]error:[/bold red] {escape(str(e))}")
+            ctx.exit(2)
+
+
+@click.group(cls=HybridGroup)
+@click.version_option(package_name="hybrid")
+def cli():
+    """Run DeepSeek-V3-family MoE models (Kimi-K2) on one workstation."""
+
+
+@cli.command("make-tiny")
+@click.argument("out", type=click.Path(path_type=Path))
+@click.option("--fp8/--bf16", default=True, help="Block-FP8 linear weights as K2 ships them, or all bf16.")
+@click.option("--layers", default=3, show_default=True)
+@click.option("--dense-layers", default=1, show_default=True, help="Leading dense layers (first_k_dense_replace).")
+@click.option("--experts", default=16, show_default=True)
+@click.option("--top-k", default=4, show_default=True)
+@click.option("--hidden", default=256, show_default=True)
+@click.option("--n-group", default=1, show_default=True)
+@click.option("--topk-group", default=1, show_default=True)
+@click.option("--seed", default=0, show_default=True)
+@click.option("--tokenizer-from", type=click.Path(exists=True, file_okay=False),
+              help="Folder with K2's tiktoken.model and tokenizer_config.json (vocab becomes K2's 163840).")
+@click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
+def make_tiny_cmd(out, fp8, layers, dense_layers, experts, top_k, hidden, n_group, topk_group, seed,
+                  tokenizer_from, overwrite):
+    """Write a random-weight checkpoint in Kimi-K2-Instruct-0905's exact on-disk layout."""
+    from hybrid.tiny import TinySpec, make_tiny
+
+    spec = TinySpec(layers=layers, dense_layers=dense_layers, experts=experts, top_k=top_k, hidden=hidden,
+                    n_group=n_group, topk_group=topk_group, seed=seed, fp8=fp8, tokenizer_from=tokenizer_from)
+    path = make_tiny(out, spec, overwrite=overwrite)
+    err.print(f"wrote {path} ({'block-FP8' if fp8 else 'bf16'}, {layers} layers, {experts} experts, top-{top_k})")
+
+
+@cli.command()
+@click.argument("model", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--prompt", help="Prompt text (needs the checkpoint's tokenizer).")
+@click.option("--prompt-ids", help="Prompt as comma-separated token ids, e.g. 1,2,3.")
+@click.option("--max-new-tokens", default=32, show_default=True)
+@click.option("--temperature", default=0.0, show_default=True, help="0 is greedy.")
+@click.option("--top-p", default=1.0, show_default=True)
+@click.option("--top-k", default=0, show_default=True)
+@click.option("--min-p", default=0.0, show_default=True)
+@click.option("--seed", type=int)
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16"]), default="float32", show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of streaming text.")
+def generate(model, prompt, prompt_ids, max_new_tokens, temperature, top_p, top_k, min_p, seed, dtype, as_json):
+    """Generate from MODEL (a checkpoint folder) and print the tokens as they come."""
+    import torch
+
+    from hybrid.generate import Stats, default_stop_ids
+    from hybrid.generate import generate as run
+    from hybrid.sampling import SamplingParams
+
+    params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, seed=seed,
+                            max_new_tokens=max_new_tokens)
+    net, tokenizer = load_for_cli(model, getattr(torch, dtype))
+    ids = parse_prompt(prompt, prompt_ids, tokenizer)
+    stats = Stats()
+    for step in run(net, ids, params, stop_ids=default_stop_ids(model, net, tokenizer), stats=stats):
+        if not as_json and tokenizer is None:
+            click.echo(f"{step.token} ", nl=False)
+    text = tokenizer.decode(stats.tokens) if tokenizer else None
+    if as_json:
+        click.echo(json.dumps({"prompt_ids": ids, "generated_ids": stats.tokens, "text": text,
+                               "finish_reason": stats.finish_reason, "prompt_tokens": stats.prompt_tokens,
+                               "generated_tokens": stats.generated_tokens,
+                               "prefill_s": round(stats.prefill_s, 4), "decode_s": round(stats.decode_s, 4)}))
+    else:
+        click.echo(text if text is not None else "")
+        err.print(f"[dim]{stats.generated_tokens} tokens, finish: {stats.finish_reason}, "
+                  f"decode {stats.generated_tokens / max(stats.decode_s, 1e-9):.1f} tok/s[/dim]")
+
+
+def parse_prompt(prompt, prompt_ids, tokenizer) -> list[int]:
+    if (prompt is None) == (prompt_ids is None):
+        raise click.UsageError("give exactly one of --prompt and --prompt-ids")
+    if prompt_ids is not None:
+        try:
+            return [int(t) for t in prompt_ids.split(",") if t.strip()]
+        except ValueError:
+            raise click.BadParameter(f"{prompt_ids!r} is not a comma-separated list of integers",
+                                     param_hint="--prompt-ids") from None
+    if tokenizer is None:
+        raise click.UsageError("this checkpoint has no tokenizer (tiktoken.model); use --prompt-ids")
+    return tokenizer.encode(prompt)
+
+
+def load_for_cli(folder: Path, dtype):
+    """Open and validate the checkpoint (errors before any weight is read), then load with a progress bar."""
+    from rich.progress import Progress
+
+    from hybrid.checkpoint import Checkpoint
+    from hybrid.loader import load_model
+    from hybrid.tokenizer import Tokenizer
+
+    ckpt = Checkpoint.open(folder)
+    tokenizer = Tokenizer.from_folder(folder)
+    with Progress(console=err, transient=True) as bar:
+        task = bar.add_task("loading weights", total=len(ckpt.tensors))
+        net = load_model(ckpt, dtype=dtype, progress=lambda done, total: bar.update(task, completed=done, total=total))
+    return net, tokenizer
+
+
+def main():
+    cli(prog_name="hybrid")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

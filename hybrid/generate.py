@@ -1,0 +1,118 @@
+"""Generation as small named steps: prefill (chunked), decode_one, sample, should_stop; the loop is short."""
+
+import json
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+from pathlib import Path
+
+import torch
+
+from hybrid.errors import ConfigError, GenerationError
+from hybrid.kv_cache import MLACache
+from hybrid.sampling import SamplingParams, sample
+
+DEFAULT_PREFILL_CHUNK = 256  # tokens per prefill forward: bounds the [chunk x context] attention scores
+
+
+@dataclass
+class Step:
+    token: int
+    finish_reason: str | None  # "stop" (a stop id) or "length" (max_new_tokens) on the last step
+
+
+@dataclass
+class Stats:
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+    prefill_s: float = 0.0
+    decode_s: float = 0.0
+    finish_reason: str | None = None
+    tokens: list[int] = field(default_factory=list)
+
+
+def device_of(model) -> torch.device:
+    return model.model.embed_tokens.weight.device
+
+
+def new_cache(model, n_positions: int, batch: int = 1) -> MLACache:
+    cfg = model.config
+    if n_positions > cfg.max_position_embeddings:
+        raise GenerationError(f"context overflow: {n_positions} positions requested, the model's context is "
+                              f"{cfg.max_position_embeddings} (max_position_embeddings)")
+    w = model.model.embed_tokens.weight
+    return MLACache(cfg, n_positions, batch, device=w.device, dtype=w.dtype)
+
+
+def prefill(model, cache: MLACache, ids: list[int], chunk: int = DEFAULT_PREFILL_CHUNK) -> torch.Tensor:
+    """Feed the prompt in chunks; returns the last position's logits [vocab] float32."""
+    if not ids:
+        raise GenerationError("empty prompt: give at least one token")
+    x = torch.tensor([ids], dtype=torch.long, device=device_of(model))
+    for start in range(0, len(ids), chunk):
+        logits = model(x[:, start:start + chunk], cache=cache, last_only=True)
+    return logits[0, -1]
+
+
+def decode_one(model, cache: MLACache, token: int) -> torch.Tensor:
+    x = torch.tensor([[token]], dtype=torch.long, device=device_of(model))
+    return model(x, cache=cache)[0, -1]
+
+
+def should_stop(token: int, n_generated: int, params: SamplingParams, stop_ids) -> str | None:
+    if token in stop_ids:
+        return "stop"
+    if n_generated >= params.max_new_tokens:
+        return "length"
+    return None
+
+
+def default_stop_ids(folder, model, tokenizer=None) -> set[int]:
+    """eos ids of config.json and generation_config.json, plus the chat end marker <|im_end|> when known."""
+    ids = set(model.config.eos_token_ids)
+    gen_path = Path(folder) / "generation_config.json"
+    if gen_path.is_file():
+        try:
+            eos = json.loads(gen_path.read_text()).get("eos_token_id")
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{gen_path}: not valid JSON ({e})") from None
+        ids.update(eos if isinstance(eos, list) else [] if eos is None else [eos])
+    if tokenizer is not None and tokenizer.token_id("<|im_end|>") is not None:
+        ids.add(tokenizer.token_id("<|im_end|>"))
+    return ids
+
+
+def check_prompt(model, ids: list[int]):
+    vocab = model.config.vocab_size
+    bad = [i for i in ids if not 0 <= i < vocab]
+    if bad:
+        raise GenerationError(f"prompt token id {bad[0]} is outside the vocabulary (0..{vocab - 1})")
+
+
+def generate(model, ids: list[int], params: SamplingParams, stop_ids=(), stats: Stats | None = None,
+             chunk: int = DEFAULT_PREFILL_CHUNK) -> Iterator[Step]:
+    """Yield generated tokens one by one as they are produced; the last Step carries the finish reason."""
+    check_prompt(model, ids)
+    stats = stats if stats is not None else Stats()
+    stats.prompt_tokens = len(ids)
+    cache = new_cache(model, len(ids) + params.max_new_tokens)
+    if params.max_new_tokens == 0:
+        stats.finish_reason = "length"
+        return
+    gen = params.generator()
+    t0 = time.perf_counter()
+    logits = prefill(model, cache, ids, chunk)
+    stats.prefill_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    while True:
+        token = sample(logits, params, gen)
+        stats.tokens.append(token)
+        stats.generated_tokens += 1
+        reason = should_stop(token, stats.generated_tokens, params, stop_ids)
+        stats.decode_s = time.perf_counter() - t0
+        yield Step(token, reason)
+        if reason:
+            stats.finish_reason = reason
+            return
+        logits = decode_one(model, cache, token)

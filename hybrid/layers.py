@@ -1,0 +1,139 @@
+"""The model's building blocks as plain torch math, with the checkpoint's attribute names.
+
+Legend: B batch, T new tokens, S cached + new positions, H hidden, Hh heads, N nope dims, P rope dims,
+V value dims, R kv_lora_rank, E routed experts, K top-k, G expert groups.
+"""
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from hybrid.config import ModelConfig
+from hybrid.rope import apply_rope
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x):
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+class MLP(nn.Module):
+    """down(silu(gate(x)) * up(x)): the dense layers' MLP, the shared expert and each routed expert."""
+
+    def __init__(self, hidden: int, width: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden, width, bias=False)
+        self.up_proj = nn.Linear(hidden, width, bias=False)
+        self.down_proj = nn.Linear(width, hidden, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Router(nn.Module):
+    """Scores in fp32 (sigmoid or softmax); the correction bias steers the choice only, never the weights."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        E = cfg.n_routed_experts
+        self.cfg = cfg
+        self.weight = nn.Parameter(torch.empty(E, cfg.hidden_size))
+        if cfg.topk_method == "noaux_tc":
+            self.e_score_correction_bias = nn.Parameter(torch.zeros(E))
+        else:
+            self.e_score_correction_bias = None
+
+    def forward(self, x: torch.Tensor):
+        """x [T, H] -> (weights [T, K] float32, ids [T, K] int64)."""
+        cfg = self.cfg
+        logits = F.linear(x.float(), self.weight.float())
+        scores = logits.sigmoid() if cfg.scoring_func == "sigmoid" else logits.softmax(dim=-1)
+        choice = scores if self.e_score_correction_bias is None else scores + self.e_score_correction_bias.float()
+        if cfg.n_group > 1 and cfg.topk_method != "greedy":
+            choice = self._keep_top_groups(choice)
+        ids = choice.topk(cfg.num_experts_per_tok, dim=-1).indices
+        weights = scores.gather(1, ids)
+        if cfg.norm_topk_prob:
+            weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+        return weights * cfg.routed_scaling_factor, ids
+
+    def _keep_top_groups(self, choice):
+        """Mask all but the topk_group best groups: a group scores by its top-2 sum (noaux_tc) or its max."""
+        cfg = self.cfg
+        grouped = choice.view(choice.shape[0], cfg.n_group, -1)
+        if cfg.topk_method == "noaux_tc":
+            group_score = grouped.topk(2, dim=-1).values.sum(dim=-1)
+        else:
+            group_score = grouped.amax(dim=-1)
+        keep = group_score.topk(cfg.topk_group, dim=-1).indices
+        mask = torch.ones_like(group_score, dtype=torch.bool).scatter_(1, keep, False)
+        return grouped.masked_fill(mask[..., None], float("-inf")).view_as(choice)
+
+
+class MoE(nn.Module):
+    """Router, routed experts (any object with submit/wait) and the shared expert, summed."""
+
+    def __init__(self, cfg: ModelConfig, experts):
+        super().__init__()
+        self.gate = Router(cfg)
+        self.experts = experts
+        width = cfg.moe_intermediate_size * cfg.n_shared_experts
+        self.shared_experts = MLP(cfg.hidden_size, width) if cfg.n_shared_experts else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, x.shape[-1])
+        weights, ids = self.gate(flat)
+        self.experts.submit(flat, ids, weights)
+        # The shared expert runs while the routed experts compute (on the CPU, when they live there).
+        shared = self.shared_experts(flat) if self.shared_experts is not None else 0
+        routed = self.experts.wait()
+        return (routed.to(flat.dtype) + shared).view_as(x)
+
+
+class Attention(nn.Module):
+    """Multi-head latent attention in the weight-absorbed form, over the compressed cache."""
+
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        self.cfg, self.layer = cfg, layer
+        H, Hh, R, P = cfg.hidden_size, cfg.num_attention_heads, cfg.kv_lora_rank, cfg.qk_rope_head_dim
+        if cfg.q_lora_rank is None:
+            self.q_proj = nn.Linear(H, Hh * cfg.qk_head_dim, bias=False)
+        else:
+            self.q_a_proj = nn.Linear(H, cfg.q_lora_rank, bias=False)
+            self.q_a_layernorm = RMSNorm(cfg.q_lora_rank, cfg.rms_norm_eps)
+            self.q_b_proj = nn.Linear(cfg.q_lora_rank, Hh * cfg.qk_head_dim, bias=False)
+        self.kv_a_proj_with_mqa = nn.Linear(H, R + P, bias=False)
+        self.kv_a_layernorm = RMSNorm(R, cfg.rms_norm_eps)
+        self.kv_b_proj = nn.Linear(R, Hh * (cfg.qk_nope_head_dim + cfg.v_head_dim), bias=False)
+        self.o_proj = nn.Linear(Hh * cfg.v_head_dim, H, bias=False)
+
+    def forward(self, x, cos, sin, mask, cache=None):
+        """x [B, T, H]; cos/sin [T, P/2]; mask [T, S] bool (True = hidden) -> [B, T, H]."""
+        cfg = self.cfg
+        B, T, _ = x.shape
+        Hh, N, R = cfg.num_attention_heads, cfg.qk_nope_head_dim, cfg.kv_lora_rank
+        q = self.q_proj(x) if cfg.q_lora_rank is None else self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        q_nope, q_pe = q.view(B, T, Hh, cfg.qk_head_dim).split([N, cfg.qk_rope_head_dim], dim=-1)
+        q_pe = apply_rope(q_pe, cos[:, None], sin[:, None])
+        kv = self.kv_a_proj_with_mqa(x)
+        latent = self.kv_a_layernorm(kv[..., :R])
+        k_pe = apply_rope(kv[..., R:], cos, sin)
+        if cache is not None:
+            latent, k_pe = cache.update(self.layer, latent, k_pe)
+
+        w = self.kv_b_proj.weight.view(Hh, N + cfg.v_head_dim, R)
+        q_lat = torch.einsum("bthn,hnr->bthr", q_nope, w[:, :N])  # absorb the key half of kv_b into q
+        scores = torch.einsum("bthr,bsr->bths", q_lat, latent) + torch.einsum("bthp,bsp->bths", q_pe, k_pe)
+        scores = (scores.float() * cfg.softmax_scale).masked_fill(mask[None, :, None, :], float("-inf"))
+        probs = scores.softmax(dim=-1).to(x.dtype)
+        o_lat = torch.einsum("bths,bsr->bthr", probs, latent)
+        out = torch.einsum("bthr,hvr->bthv", o_lat, w[:, N:])  # and the value half into the output
+        return self.o_proj(out.reshape(B, T, Hh * cfg.v_head_dim))

@@ -1,0 +1,73 @@
+"""DeepseekV3ForCausalLM: one model for Kimi-K2, DeepSeek-V3/R1 and Moonlight; their differences are config.
+
+Module and parameter names equal the checkpoint's tensor names, so the loader copies tensors by name.
+Build it on the meta device and let `hybrid.loader` materialise each tensor where it belongs.
+"""
+
+import torch
+from torch import nn
+
+from hybrid.config import ModelConfig
+from hybrid.experts import TorchExperts
+from hybrid.layers import MLP, Attention, MoE, RMSNorm
+from hybrid.rope import Rope
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        self.self_attn = Attention(cfg, layer)
+        if cfg.is_moe_layer(layer):
+            experts = TorchExperts(cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size)
+            self.mlp = MoE(cfg, experts)
+        else:
+            self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(self, x, cos, sin, mask, cache):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class DeepseekV3Model(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+class DeepseekV3ForCausalLM(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        self.model = DeepseekV3Model(cfg)
+        self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.rope = Rope(cfg)
+
+    @torch.inference_mode()
+    def forward(self, ids: torch.Tensor, cache=None, last_only: bool = False) -> torch.Tensor:
+        """ids [B, T] int64 -> logits float32 [B, T, vocab] ([B, 1, vocab] with last_only).
+
+        With a cache, the T tokens continue the cached ones and are appended to it; without one, they are a
+        whole sequence starting at position 0.
+        """
+        B, T = ids.shape
+        start = 0
+        if cache is not None:
+            cache.check_room(T)
+            start = cache.length
+        x = self.model.embed_tokens(ids)
+        positions = torch.arange(start, start + T, device=ids.device)
+        cos, sin = self.rope.cos_sin(positions, x.dtype)
+        mask = torch.arange(start + T, device=ids.device)[None, :] > positions[:, None]  # [T, S] causal
+        for layer in self.model.layers:
+            x = layer(x, cos, sin, mask, cache)
+        if cache is not None:
+            cache.advance(T)
+        if last_only:
+            x = x[:, -1:]
+        x = self.model.norm(x)
+        head = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        return torch.nn.functional.linear(x, head).float()
