@@ -10,7 +10,7 @@ from rich.markup import escape
 
 from hybrid.errors import HybridError
 
-err = Console(stderr=True)
+err = Console(stderr=True, soft_wrap=True)  # an error stays one line, however narrow the terminal
 
 
 class HybridGroup(click.Group):

@@ -52,7 +52,9 @@ def reference_fp8_to_bf16(w, scale_inv, block=128):
 def load_oracle(twin):
     from transformers import DeepseekV3ForCausalLM
 
-    model = DeepseekV3ForCausalLM.from_pretrained(str(twin), dtype=torch.float32, attn_implementation="eager")
+    # Eager attention and the per-expert loop: the most literal form of the reference math.
+    model = DeepseekV3ForCausalLM.from_pretrained(str(twin), dtype=torch.float32, attn_implementation="eager",
+                                                  experts_implementation="eager")
     return model.eval()
 
 

@@ -1,0 +1,59 @@
+"""The `hybrid` console command, run as a user runs it: a real process, real files."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from hybrid.generate import Stats, generate
+from hybrid.loader import load_model
+from hybrid.sampling import SamplingParams
+
+HYBRID = str(Path(sys.executable).parent / "hybrid")
+
+
+def run(*args):
+    return subprocess.run([HYBRID, *map(str, args)], capture_output=True, text=True, timeout=300)
+
+
+def test_make_tiny_then_generate_json(tmp_path):
+    out = tmp_path / "tiny"
+    r = run("make-tiny", out, "--layers", 2, "--experts", 8, "--top-k", 2, "--seed", 5)
+    assert r.returncode == 0, r.stderr
+    assert (out / "model.safetensors.index.json").is_file() and (out / "tiktoken.model").is_file()
+    r = run("generate", out, "--prompt-ids", "5,6,7,8", "--max-new-tokens", 6, "--temperature", 0, "--json")
+    assert r.returncode == 0, r.stderr
+    result = json.loads(r.stdout)
+    assert result["prompt_ids"] == [5, 6, 7, 8] and result["finish_reason"] == "length"
+    stats = Stats()
+    list(generate(load_model(out), [5, 6, 7, 8], SamplingParams(max_new_tokens=6), stats=stats))
+    assert result["generated_ids"] == stats.tokens
+
+
+def test_prompt_text_goes_through_the_tokenizer(k2_tiny):
+    r = run("generate", k2_tiny, "--prompt", "Hi", "--max-new-tokens", 3, "--json")
+    assert r.returncode == 0, r.stderr
+    result = json.loads(r.stdout)
+    assert result["prompt_ids"] == [ord("H"), ord("i")]  # the tiny byte-level vocabulary
+    assert len(result["generated_ids"]) == 3 and isinstance(result["text"], str)
+
+
+def test_sampling_with_a_seed_is_reproducible(k2_tiny):
+    args = ("generate", k2_tiny, "--prompt-ids", "1,2,3", "--max-new-tokens", 8, "--temperature", 1.0,
+            "--seed", 3, "--json")
+    a, b = run(*args), run(*args)
+    assert json.loads(a.stdout)["generated_ids"] == json.loads(b.stdout)["generated_ids"]
+
+
+def test_usage_errors_are_one_line(k2_tiny):
+    r = run("generate", k2_tiny, "--prompt-ids", "1,2,100000")
+    assert r.returncode == 2 and "outside the vocabulary" in r.stderr and "Traceback" not in r.stderr
+    r = run("generate", k2_tiny, "--prompt-ids", "1,2", "--max-new-tokens", 100000)
+    assert r.returncode == 2 and "context overflow" in r.stderr
+    r = run("generate", k2_tiny)
+    assert r.returncode == 2 and "--prompt" in r.stderr
+
+
+def test_make_tiny_refuses_to_overwrite(k2_tiny):
+    r = run("make-tiny", k2_tiny)
+    assert r.returncode == 2 and "not empty" in r.stderr
