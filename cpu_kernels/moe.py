@@ -1,0 +1,168 @@
+"""MoEExperts: one MoE layer's routed experts on the CPU, the object the runtime calls.
+
+Dimension legend: T tokens, H hidden, I expert width, E experts, K top-k, P = T * K pairs.
+
+    experts = MoEExperts.from_store("layer_03/")             # memory-maps the store
+    out = experts.forward(hidden, ids, weights)              # [T, H] float32
+    experts.submit(hidden, ids, weights); ...; out = experts.wait()   # same work on a background thread
+
+forward computes, for each token t, sum_k weights[t, k] * down_e(silu(gate_e(x_t)) * up_e(x_t)) with
+e = ids[t, k]. Inputs are validated before any kernel runs; bad input raises ValueError naming the argument.
+Scratch (activations, sort buffers, per-thread tiles) is allocated once and grown only when a call brings more
+pairs than any before; the kernels themselves allocate nothing.
+"""
+
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+
+from .formats import Format
+from .phases import bf16_rows_to_f32, down_phase, gate_up_phase
+from .prefill import BLOCK_TOKENS, sort_by_expert
+from .store import ExpertStore, build_store, load_store
+from .threads import KernelThreads, split_range
+
+
+def _readonly(a: np.ndarray) -> np.ndarray:
+    # One numba specialisation per format: memory maps are read-only, so in-memory stores are viewed read-only too.
+    v = np.asarray(a).view()
+    v.flags.writeable = False
+    return v
+
+
+class MoEExperts:
+    """Routed experts of one layer from an ExpertStore; `n_threads` kernel threads (default: physical cores)."""
+
+    def __init__(self, store: ExpertStore, n_threads: int | None = None):
+        self.store = store
+        self.fmt = store.fmt
+        self.n_experts, self.hidden, self.width = store.n_experts, store.hidden, store.width
+        self._v = {k: _readonly(a) for k, a in store.values.items()}
+        self._s = {k: _readonly(a) for k, a in store.scales.items()}
+        self._threads = KernelThreads(n_threads)
+        self.n_threads = self._threads.n_threads
+        self._background = ThreadPoolExecutor(1, thread_name_prefix="moe-experts")
+        self._pending = None
+        self._lock = threading.Lock()
+        e = self.n_experts
+        self._counts = np.zeros(e, np.int64)
+        self._starts = np.zeros(e + 1, np.int64)
+        self._used = np.zeros(e, np.int64)
+        self._ybuf = np.zeros((self.n_threads, 2, BLOCK_TOKENS, store.values["gate_proj"].shape[-1]), np.float32)
+        self._grow(0, 0)
+
+    @classmethod
+    def from_store(cls, directory, n_threads: int | None = None, mmap: bool = True) -> "MoEExperts":
+        """Open a layer store directory written by store.save_store / LayerStoreWriter."""
+        return cls(load_store(directory, mmap=mmap), n_threads)
+
+    @classmethod
+    def from_weights(cls, gate, up, down, fmt: Format, n_threads: int | None = None) -> "MoEExperts":
+        """Quantize in-memory weights: gate, up [E, I, H], down [E, H, I], float32 or bf16 as uint16."""
+        return cls(build_store(gate, up, down, fmt), n_threads)
+
+    def _grow(self, n_tokens: int, n_pairs: int) -> None:
+        cap_t = getattr(self, "_x32", np.zeros((0, 0))).shape[0]
+        cap_p = getattr(self, "_h", np.zeros((0, 0))).shape[0]
+        if n_tokens > cap_t or cap_t == 0:
+            self._x32 = np.zeros((max(n_tokens, 8), self.hidden), np.float32)
+        if n_pairs > cap_p or cap_p == 0:
+            cap = max(n_pairs, 64)
+            self._h = np.zeros((cap, self.width), np.float32)
+            self._pair_token = np.zeros(cap, np.int64)
+            self._pair_weight = np.zeros(cap, np.float32)
+
+    def _validate(self, hidden, ids, weights, out):
+        for name, a in (("hidden", hidden), ("ids", ids), ("weights", weights)):
+            if not isinstance(a, np.ndarray):
+                raise ValueError(f"{name} must be a numpy array, got {type(a).__name__}")
+            if a.ndim != 2:
+                raise ValueError(f"{name} must be 2-D, got shape {a.shape}")
+            if not a.flags.c_contiguous:
+                raise ValueError(f"{name} must be C-contiguous (np.ascontiguousarray)")
+        if hidden.dtype not in (np.float32, np.uint16):
+            raise ValueError(f"hidden must be float32 or bf16 as uint16, got {hidden.dtype}")
+        if hidden.shape[1] != self.hidden:
+            raise ValueError(f"hidden has size {hidden.shape[1]} per token, this layer's hidden size is {self.hidden}")
+        n_tokens = hidden.shape[0]
+        if ids.shape[0] != n_tokens or weights.shape[0] != n_tokens:
+            raise ValueError(f"ids {ids.shape} and weights {weights.shape} must have T = {n_tokens} rows like hidden")
+        if ids.dtype not in (np.int64, np.int32):
+            raise ValueError(f"ids must be int64 or int32, got {ids.dtype}")
+        if weights.dtype != np.float32:
+            raise ValueError(f"weights must be float32, got {weights.dtype}")
+        if weights.shape != ids.shape or ids.shape[1] < 1:
+            raise ValueError(f"weights {weights.shape} must match ids {ids.shape}, with top-k >= 1")
+        if ids.size and (ids.min() < 0 or ids.max() >= self.n_experts):
+            raise ValueError(f"ids must lie in [0, {self.n_experts}), got range [{ids.min()}, {ids.max()}]")
+        if out is not None:
+            if not isinstance(out, np.ndarray) or out.dtype != np.float32 or out.shape != (n_tokens, self.hidden):
+                got = (getattr(out, "shape", None), getattr(out, "dtype", type(out).__name__))
+                raise ValueError(f"out must be float32 [{n_tokens}, {self.hidden}], got {got}")
+            if not out.flags.c_contiguous or not out.flags.writeable:
+                raise ValueError("out must be C-contiguous and writeable")
+
+    def forward(self, hidden: np.ndarray, ids: np.ndarray, weights: np.ndarray, out: np.ndarray | None = None):
+        """Routed experts for hidden [T, H] (float32 or bf16 as uint16), ids [T, K] int, weights [T, K] float32.
+
+        Returns out [T, H] float32; when `out` is given the result is added into it (accumulate) and it is returned.
+        """
+        self.submit(hidden, ids, weights, out)
+        return self.wait()
+
+    def submit(self, hidden, ids, weights, out=None) -> None:
+        """Validate, then start forward's work on a background thread; collect it with wait().
+
+        The arrays must stay unchanged until wait() returns. One call may be in flight at a time.
+        """
+        self._validate(hidden, ids, weights, out)
+        with self._lock:
+            if self._pending is not None:
+                raise RuntimeError("submit() called again before wait(); one call may be in flight at a time")
+            if out is None:
+                out = np.zeros((hidden.shape[0], self.hidden), np.float32)
+            self._pending = self._background.submit(self._run, hidden, ids.astype(np.int64, copy=False), weights, out)
+
+    def wait(self) -> np.ndarray:
+        """Block until the submitted call is done; returns its out [T, H] float32 (re-raises its error)."""
+        with self._lock:
+            pending, self._pending = self._pending, None
+        if pending is None:
+            raise RuntimeError("wait() without a submit()")
+        return pending.result()
+
+    def _run(self, hidden, ids, weights, out):
+        n_tokens, top_k = ids.shape
+        n_pairs = n_tokens * top_k
+        if n_pairs == 0:
+            return out
+        self._grow(n_tokens, n_pairs)
+        x = hidden
+        if hidden.dtype == np.uint16:
+            x = self._x32[:n_tokens]
+            bf16_rows_to_f32(hidden, x)
+        n_used = sort_by_expert(ids, weights, self._counts, self._starts, self._pair_token, self._pair_weight, self._used)
+        h = self._h[:n_pairs]
+        v, s = self._v, self._s
+        n_parts = self.n_threads
+        n_tiles_i, n_tiles_h = v["gate_proj"].shape[1], v["down_proj"].shape[1]
+        sort = (self._used, n_used, self._starts, self._pair_token)
+
+        def gate_up(part):
+            t0, t1 = split_range(n_tiles_i, part, n_parts)
+            gate_up_phase(v["gate_proj"], s["gate_proj"], v["up_proj"], s["up_proj"], x, *sort,
+                          self._pair_weight, h, t0, t1, self._ybuf[part])
+
+        def down(part):
+            t0, t1 = split_range(n_tiles_h, part, n_parts)
+            down_phase(v["down_proj"], s["down_proj"], h, *sort, out, t0, t1, self._ybuf[part])
+
+        self._threads.run(gate_up)
+        self._threads.run(down)
+        return out
+
+    def close(self) -> None:
+        """Stop the background and kernel threads (also done at interpreter exit)."""
+        self._background.shutdown(wait=True)
+        self._threads.close()
