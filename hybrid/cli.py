@@ -95,6 +95,46 @@ def generate(model, prompt, prompt_ids, max_new_tokens, temperature, top_p, top_
                   f"decode {stats.generated_tokens / max(stats.decode_s, 1e-9):.1f} tok/s[/dim]")
 
 
+@cli.command()
+@click.argument("model")
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), help="Write the plan YAML here.")
+@click.option("--hardware", type=click.Path(exists=True, dir_okay=False), help="Hardware YAML (see README).")
+@click.option("--gpu", help='GPU model, e.g. "RTX 4090"; "none" for a CPU-only machine.')
+@click.option("--gpu-memory", type=float, help="GPU memory in GiB (overrides the GPU table).")
+@click.option("--ram", help="System RAM, e.g. 768GB.")
+@click.option("--memory", help="Memory type and channels, e.g. DDR5-4800x8 (sets RAM bandwidth).")
+@click.option("--ram-bandwidth", type=float, help="Achievable RAM read bandwidth in GB/s.")
+@click.option("--cores", type=int, help="Physical CPU cores.")
+@click.option("--numa-nodes", type=int)
+@click.option("--disk-bandwidth", type=float, help="Disk read GB/s, for experts beyond RAM.")
+@click.option("--context", type=int, help="Context length to reserve cache for.")
+@click.option("--batch", default=1, show_default=True)
+@click.option("--experts", "expert_format", default="int4", show_default=True, help="bf16, int8, int4 (+ -g32/-g64).")
+@click.option("--gpu-expert-layers", type=int, help="Cap on MoE layers whose experts go to the GPU (0: none).")
+@click.option("--routing-stats", type=click.Path(exists=True, dir_okay=False), help="Routing counts JSON.")
+@click.option("--allow-disk", is_flag=True, help="Let experts beyond RAM stay memory-mapped on disk.")
+@click.option("--check", "check_file", type=click.Path(exists=True, dir_okay=False), help="Validate this plan.")
+@click.option("--from-ktransformers", type=click.Path(exists=True, dir_okay=False), help="Translate their rules.")
+@click.option("--json", "as_json", is_flag=True)
+def plan(model, output, hardware, check_file, from_ktransformers, as_json, **flags):
+    """Plan MODEL (a preset such as kimi-k2-instruct-0905, or a checkpoint folder) for a machine."""
+    from placement.api import plan_command
+
+    result, notes = plan_command(model, hardware, check_file, from_ktransformers, output, flags)
+    if as_json:
+        from placement.report import plan_dict
+
+        click.echo(json.dumps(plan_dict(result) | {"notes": notes}, indent=2))
+        return
+    from placement.report import plan_table
+
+    Console().print(plan_table(result))
+    for note in notes:
+        err.print(f"[yellow]note:[/yellow] {escape(note)}")
+    if output:
+        err.print(f"wrote {output}")
+
+
 def parse_prompt(prompt, prompt_ids, tokenizer) -> list[int]:
     if (prompt is None) == (prompt_ids is None):
         raise click.UsageError("give exactly one of --prompt and --prompt-ids")

@@ -1,0 +1,267 @@
+"""Hardware: what the planner plans for, detected here or described for a machine one does not have.
+
+Every value can come from detection, a hardware YAML (`hybrid plan --hardware hw.yaml`, also what
+`hybrid profile` writes with measured bandwidths), or flags. Memory sizes are binary (GiB), as DIMMs and GPUs
+are sold: "768GB" of RAM means 768 GiB. Bandwidths are achievable read rates in GB/s (1e9 bytes/s).
+
+hardware YAML keys (all optional but gpu/ram when not detected):
+  gpu: "RTX 4090"            # a GPU_TABLE name, or a mapping {name, memory_gib, bandwidth_gbps, bf16_tflops, pcie_gbps}
+  gpu_memory_gib: 24         # overrides the table
+  ram_gib: 768               # total system memory
+  ram_available_gib: 740     # what the runtime may use (default: total minus RAM_RESERVE_GIB)
+  memory: DDR5-4800x8        # type and channels -> ram_bandwidth_gbps, unless given
+  ram_bandwidth_gbps: 250
+  cores: 32                  # physical cores
+  numa_nodes: 1
+  cpu_features: [avx2, avx512f]
+  cpu_gflops: 2000           # achievable fp32 FMA rate of all cores
+  disk_read_gbps: 6          # for experts memory-mapped beyond RAM
+  layer_overhead_us: 60      # fixed cost per layer per token (launches, sync, Python), measured by the profiler
+  cpu_kernel_efficiency: 0.85  # share of ram bandwidth the expert kernels reach (cpu_kernels.bench)
+"""
+
+import os
+import re
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import yaml
+
+from hybrid.errors import PlanError
+
+# name: (memory GiB, memory bandwidth GB/s, dense bf16 TFLOP/s, achievable PCIe GB/s)
+GPU_TABLE = {
+    "RTX 3060": (12, 360, 25, 12), "RTX 3090": (24, 936, 71, 24), "RTX 4070 Ti": (12, 504, 80, 24),
+    "RTX 4080": (16, 717, 97, 24), "RTX 4090": (24, 1008, 165, 24), "RTX 5090": (32, 1792, 209, 48),
+    "RTX A6000": (48, 768, 155, 24), "RTX 6000 Ada": (48, 960, 365, 24), "L40S": (48, 864, 362, 24),
+    "RTX PRO 6000": (96, 1792, 500, 48), "A100 40GB": (40, 1555, 312, 24), "A100 80GB": (80, 2039, 312, 24),
+    "H100 PCIe": (80, 2000, 756, 48), "H100": (80, 3350, 989, 48), "H200": (141, 4800, 989, 48),
+}
+MEMORY_MTS = {"DDR4-2400": 2400, "DDR4-2666": 2666, "DDR4-2933": 2933, "DDR4-3200": 3200, "DDR5-4800": 4800,
+              "DDR5-5600": 5600, "DDR5-6000": 6000, "DDR5-6400": 6400}
+MEMORY_EFFICIENCY = 0.75  # a read stream reaches ~75 % of the channels' theoretical peak
+RAM_RESERVE_GIB = 8.0  # OS, Python, torch and page tables
+FLOPS_PER_CYCLE = {"avx512f": 32, "avx2": 16}  # fp32 per core per cycle with two FMA units
+ASSUMED_GHZ = 2.5
+COMPUTE_EFFICIENCY = 0.5
+
+
+@dataclass(frozen=True)
+class GPU:
+    name: str
+    memory_gib: float
+    bandwidth_gbps: float
+    bf16_tflops: float
+    pcie_gbps: float = 24.0
+
+
+@dataclass(frozen=True)
+class Hardware:
+    gpu: GPU | None
+    ram_gib: float
+    ram_available_gib: float
+    cores: int
+    numa_nodes: int = 1
+    cpu_features: tuple[str, ...] = ("avx2",)
+    ram_bandwidth_gbps: float = 50.0
+    cpu_gflops: float = 0.0  # 0: derived from cores and features
+    disk_read_gbps: float = 3.0
+    layer_overhead_us: float = 60.0
+    cpu_kernel_efficiency: float = 0.85
+    source: str = "flags"
+    notes: tuple[str, ...] = field(default=())
+
+    @property
+    def cpu_flops(self) -> float:
+        if self.cpu_gflops:
+            return self.cpu_gflops * 1e9
+        per_cycle = FLOPS_PER_CYCLE["avx512f" if "avx512f" in self.cpu_features else "avx2"]
+        return self.cores * ASSUMED_GHZ * 1e9 * per_cycle * COMPUTE_EFFICIENCY
+
+
+def parse_size_gib(text, what: str) -> float:
+    """'768GB', '512 GiB', '24G', 1.5 (GiB) -> GiB."""
+    if isinstance(text, (int, float)) and not isinstance(text, bool):
+        return float(text)
+    m = re.fullmatch(r"\s*([\d.]+)\s*(t|tb|tib|g|gb|gib|m|mb|mib)?\s*", str(text).lower())
+    if not m:
+        raise PlanError(f"{what}: {text!r} is not a size like 768GB or 24GiB")
+    scale = {"t": 1024, "tb": 1024, "tib": 1024, "m": 1 / 1024, "mb": 1 / 1024, "mib": 1 / 1024}.get(m[2] or "g", 1)
+    return float(m[1]) * scale
+
+
+def gpu_from_name(name: str, memory_gib: float | None = None) -> GPU:
+    key = _match_gpu(name)
+    if key is None:
+        known = ", ".join(GPU_TABLE)
+        raise PlanError(f"GPU {name!r} is not in the table ({known}); describe it in a hardware YAML "
+                        f"(memory_gib, bandwidth_gbps, bf16_tflops)")
+    mem, bw, tflops, pcie = GPU_TABLE[key]
+    return GPU(key, float(memory_gib or mem), bw, tflops, pcie)
+
+
+def _match_gpu(name: str):
+    norm = re.sub(r"[^a-z0-9]", "", name.lower())
+    best = None
+    for key in GPU_TABLE:
+        k = re.sub(r"[^a-z0-9]", "", key.lower())
+        if k in norm and (best is None or len(k) > len(best[1])):
+            best = (key, k)
+    return best[0] if best else None
+
+
+def memory_bandwidth(spec: str) -> float:
+    """'DDR5-4800x8' -> achievable GB/s (MT/s x 8 bytes x channels x MEMORY_EFFICIENCY)."""
+    m = re.fullmatch(r"\s*(DDR\d-\d+)\s*[xX*]\s*(\d+)\s*", spec)
+    if not m or m[1].upper() not in MEMORY_MTS:
+        raise PlanError(f"memory {spec!r}: expected TYPE-SPEEDxCHANNELS with TYPE-SPEED one of "
+                        f"{', '.join(MEMORY_MTS)}, e.g. DDR5-4800x8")
+    return MEMORY_MTS[m[1].upper()] * 8 * int(m[2]) * MEMORY_EFFICIENCY / 1000
+
+
+def describe(gpu=None, gpu_memory=None, ram=None, memory=None, ram_bandwidth=None, cores=None, numa_nodes=None,
+             disk_bandwidth=None, base: Hardware | None = None, source="flags") -> Hardware:
+    """A Hardware from flag values, each overriding `base` (detected hardware) when given."""
+    hw = base or Hardware(gpu=None, ram_gib=0.0, ram_available_gib=0.0, cores=os.cpu_count() or 1, source=source)
+    changes = {"source": source if base is None else f"{base.source} + {source}"}
+    if gpu is not None:
+        changes["gpu"] = None if str(gpu).lower() in ("none", "no", "0") else gpu_from_name(gpu, gpu_memory)
+    elif gpu_memory is not None and hw.gpu is not None:
+        changes["gpu"] = replace(hw.gpu, memory_gib=float(gpu_memory))
+    if ram is not None:
+        total = parse_size_gib(ram, "--ram")
+        changes.update(ram_gib=total, ram_available_gib=max(total - RAM_RESERVE_GIB, 0.0))
+    if memory is not None:
+        changes["ram_bandwidth_gbps"] = memory_bandwidth(memory)
+    if ram_bandwidth is not None:
+        changes["ram_bandwidth_gbps"] = float(ram_bandwidth)
+    if cores is not None:
+        changes["cores"] = int(cores)
+    if numa_nodes is not None:
+        changes["numa_nodes"] = int(numa_nodes)
+    if disk_bandwidth is not None:
+        changes["disk_read_gbps"] = float(disk_bandwidth)
+    hw = replace(hw, **changes)
+    if hw.ram_gib <= 0:
+        raise PlanError("system RAM unknown: give --ram (e.g. --ram 768GB) or a hardware YAML")
+    return hw
+
+
+HW_KEYS = {"gpu", "gpu_memory_gib", "ram_gib", "ram_available_gib", "memory", "ram_bandwidth_gbps", "cores",
+           "numa_nodes", "cpu_features", "cpu_gflops", "disk_read_gbps", "layer_overhead_us",
+           "cpu_kernel_efficiency"}
+
+
+def load_hardware(path) -> Hardware:
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except (OSError, yaml.YAMLError) as e:
+        raise PlanError(f"{path}: cannot read hardware YAML ({e})".replace("\n", " ")) from None
+    if not isinstance(raw, dict):
+        raise PlanError(f"{path}: a hardware YAML is a mapping of keys ({', '.join(sorted(HW_KEYS))})")
+    unknown = set(raw) - HW_KEYS
+    if unknown:
+        raise PlanError(f"{path}: unknown key '{sorted(unknown)[0]}' (known: {', '.join(sorted(HW_KEYS))})")
+    try:
+        return _hardware_from_dict(raw, str(path))
+    except (TypeError, ValueError, KeyError) as e:
+        raise PlanError(f"{path}: bad value ({e})") from None
+
+
+def _hardware_from_dict(raw: dict, source: str) -> Hardware:
+    gpu = raw.get("gpu")
+    if isinstance(gpu, dict):
+        gpu = GPU(str(gpu["name"]), float(gpu["memory_gib"]), float(gpu["bandwidth_gbps"]),
+                  float(gpu["bf16_tflops"]), float(gpu.get("pcie_gbps", 24.0)))
+    elif gpu is not None:
+        gpu = None if str(gpu).lower() == "none" else gpu_from_name(str(gpu))
+    if gpu is not None and "gpu_memory_gib" in raw:
+        gpu = replace(gpu, memory_gib=float(raw["gpu_memory_gib"]))
+    if "ram_gib" not in raw:
+        raise PlanError(f"{source}: key 'ram_gib' is missing")
+    ram = parse_size_gib(raw["ram_gib"], f"{source}: ram_gib")
+    bw = float(raw["ram_bandwidth_gbps"]) if "ram_bandwidth_gbps" in raw else (
+        memory_bandwidth(raw["memory"]) if "memory" in raw else 50.0)
+    return Hardware(
+        gpu=gpu, ram_gib=ram,
+        ram_available_gib=parse_size_gib(raw.get("ram_available_gib", max(ram - RAM_RESERVE_GIB, 0)), "ram_available_gib"),
+        cores=int(raw.get("cores", os.cpu_count() or 1)), numa_nodes=int(raw.get("numa_nodes", 1)),
+        cpu_features=tuple(raw.get("cpu_features", ("avx2",))), ram_bandwidth_gbps=bw,
+        cpu_gflops=float(raw.get("cpu_gflops", 0.0)), disk_read_gbps=float(raw.get("disk_read_gbps", 3.0)),
+        layer_overhead_us=float(raw.get("layer_overhead_us", 60.0)),
+        cpu_kernel_efficiency=float(raw.get("cpu_kernel_efficiency", 0.85)), source=source)
+
+
+def hardware_to_dict(hw: Hardware) -> dict:
+    out = {"ram_gib": round(hw.ram_gib, 2), "ram_available_gib": round(hw.ram_available_gib, 2), "cores": hw.cores,
+           "numa_nodes": hw.numa_nodes, "cpu_features": list(hw.cpu_features),
+           "ram_bandwidth_gbps": round(hw.ram_bandwidth_gbps, 2), "cpu_gflops": round(hw.cpu_flops / 1e9, 1),
+           "disk_read_gbps": hw.disk_read_gbps, "layer_overhead_us": hw.layer_overhead_us,
+           "cpu_kernel_efficiency": hw.cpu_kernel_efficiency}
+    if hw.gpu is not None:
+        out["gpu"] = {"name": hw.gpu.name, "memory_gib": hw.gpu.memory_gib, "bandwidth_gbps": hw.gpu.bandwidth_gbps,
+                      "bf16_tflops": hw.gpu.bf16_tflops, "pcie_gbps": hw.gpu.pcie_gbps}
+    return out
+
+
+def detect() -> Hardware:
+    """This machine: GPU through torch.cuda (when present), RAM, physical cores, NUMA nodes, CPU features.
+    Bandwidths are estimates until `hybrid profile` measures them."""
+    total, available = _meminfo_gib()
+    features = _cpu_flags()
+    cores = _physical_cores()
+    return Hardware(gpu=_detect_gpu(), ram_gib=total, ram_available_gib=max(min(available, total - RAM_RESERVE_GIB), 0),
+                    cores=cores, numa_nodes=_numa_nodes(), cpu_features=features,
+                    ram_bandwidth_gbps=min(12.0 * cores, 400.0), source="detected",
+                    notes=("ram bandwidth estimated at 12 GB/s per core; run `hybrid profile` to measure it",))
+
+
+def _detect_gpu():
+    try:
+        import torch
+    except ImportError:
+        return None
+    if not torch.cuda.is_available():
+        return None
+    props = torch.cuda.get_device_properties(0)
+    free, total = torch.cuda.mem_get_info(0)
+    key = _match_gpu(props.name)
+    bw, tflops, pcie = GPU_TABLE[key][1:] if key else (1000.0, 100.0, 24.0)
+    return GPU(props.name, free / 2**30, bw, tflops, pcie)
+
+
+def _meminfo_gib():
+    info = {}
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            k, v = line.split(":", 1)
+            info[k] = int(v.split()[0]) / 2**20
+    except OSError:
+        return 0.0, 0.0
+    return info.get("MemTotal", 0.0), info.get("MemAvailable", info.get("MemFree", 0.0))
+
+
+def _cpu_flags() -> tuple[str, ...]:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return ()
+    m = re.search(r"^flags\s*:(.*)$", text, re.M)
+    flags = set(m[1].split()) if m else set()
+    wanted = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_tile", "amx_int8")
+    return tuple(f for f in wanted if f in flags)
+
+
+def _physical_cores() -> int:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return os.cpu_count() or 1
+    pairs = set(re.findall(r"physical id\s*:\s*(\d+).*?core id\s*:\s*(\d+)", text, re.S))
+    return len(pairs) or os.cpu_count() or 1
+
+
+def _numa_nodes() -> int:
+    nodes = list(Path("/sys/devices/system/node").glob("node[0-9]*"))
+    return max(len(nodes), 1)

@@ -1,0 +1,106 @@
+"""Exact bytes of a model config's tensor groups in each storage format, plus cache and workspace.
+
+Groups: embed, lm_head, attention (MLA projections + their norms), norms (per-layer and final), router
+(gate.weight + correction bias, kept in fp32), shared_experts, dense_mlp (the first_k_dense_replace layers),
+routed_experts. Formats: bf16 and fp32 for GPU/CPU torch tensors; block-FP8 as stored in the checkpoint (one
+byte per value plus an fp32 scale per 128x128 block); the CPU expert store's bf16/int8/int4 (tile padding and
+group scales included, sizes from cpu_kernels.formats).
+"""
+
+import re
+from functools import lru_cache
+
+from cpu_kernels.formats import matrix_bytes, parse_format
+from hybrid.config import ModelConfig
+from hybrid.names import expected_tensors, parse_expert_key
+
+GIB = 2**30
+CUDA_CONTEXT_BYTES = int(0.75 * GIB)  # CUDA context + torch allocator slack, seen on 24-80 GB cards
+TORCH_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
+GROUPS = ("embed", "lm_head", "attention", "norms", "router", "shared_experts", "dense_mlp", "routed_experts")
+
+_GROUP_RULES = (
+    ("routed_experts", re.compile(r"\.mlp\.experts\.")),
+    ("shared_experts", re.compile(r"\.mlp\.shared_experts\.")),
+    ("router", re.compile(r"\.mlp\.gate\.(weight|e_score_correction_bias)$")),
+    ("dense_mlp", re.compile(r"\.mlp\.(gate|up|down)_proj\.")),
+    ("attention", re.compile(r"\.self_attn\.")),
+    ("embed", re.compile(r"^model\.embed_tokens\.")),
+    ("lm_head", re.compile(r"^lm_head\.")),
+    ("norms", re.compile(r"norm\.weight$")),
+)
+
+
+def group_of(name: str) -> str:
+    for group, pattern in _GROUP_RULES:
+        if pattern.search(name):
+            return group
+    raise ValueError(f"tensor {name} belongs to no group")
+
+
+def numel(shape) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def tensor_bytes(name: str, shape, fmt: str) -> int:
+    """Bytes of one tensor stored in `fmt` (bf16, fp32, fp8, or an expert-store format like int4 / int8-g64)."""
+    if group_of(name) == "router":
+        return 4 * numel(shape)  # routers stay fp32 whatever the plan says
+    if fmt in TORCH_BYTES:
+        return TORCH_BYTES[fmt] * numel(shape)
+    if fmt == "fp8":
+        if len(shape) == 1:
+            return 2 * numel(shape)
+        return numel(shape) + 4 * (-(-shape[0] // 128)) * (-(-shape[1] // 128))
+    return matrix_bytes(parse_format(fmt), shape[0], shape[1])
+
+
+@lru_cache(maxsize=16)
+def _tensors(cfg: ModelConfig):
+    return tuple(expected_tensors(cfg).items())
+
+
+def tensors(cfg: ModelConfig):
+    """(name, shape) of every tensor the model reads, cached per config (K2 has ~70k)."""
+    return _tensors(cfg)
+
+
+def param_counts(cfg: ModelConfig) -> dict[str, int]:
+    counts = dict.fromkeys(GROUPS, 0)
+    for name, shape in tensors(cfg):
+        counts[group_of(name)] += numel(shape)
+    return counts
+
+
+def expert_bytes(cfg: ModelConfig, fmt: str) -> int:
+    """One routed expert (gate, up, down) in `fmt`."""
+    H, I = cfg.hidden_size, cfg.moe_intermediate_size
+    return sum(tensor_bytes(f"x.mlp.experts.0.{p}.weight", s, fmt)
+               for p, s in (("gate_proj", (I, H)), ("up_proj", (I, H)), ("down_proj", (H, I))))
+
+
+def kv_cache_bytes(cfg: ModelConfig, context: int, batch: int = 1, dtype_bytes: int = 2) -> int:
+    return (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * cfg.num_hidden_layers * dtype_bytes * context * batch
+
+
+def workspace_bytes(cfg: ModelConfig, context: int, chunk: int, batch: int = 1) -> int:
+    """Peak activations of one prefill chunk: fp32 attention scores [heads, chunk, context] (and their softmax),
+    plus a dozen [chunk, max(width)] bf16 buffers and the fp32 logits of one token."""
+    scores = 2 * 4 * cfg.num_attention_heads * chunk * context * batch
+    width = max(cfg.hidden_size, cfg.intermediate_size, cfg.num_attention_heads * cfg.qk_head_dim)
+    return scores + 12 * 2 * chunk * width * batch + 4 * cfg.vocab_size * batch
+
+
+def largest_chunk(cfg: ModelConfig, context: int, budget_bytes: int, batch: int = 1) -> int:
+    """The largest power-of-two prefill chunk (16..2048) whose workspace fits the budget."""
+    chunk = 2048
+    while chunk > 16 and workspace_bytes(cfg, context, chunk, batch) > budget_bytes:
+        chunk //= 2
+    return chunk
+
+
+def is_routed_expert(name: str) -> bool:
+    return parse_expert_key(name) is not None

@@ -1,0 +1,144 @@
+"""Plan: where every tensor goes, in which format, computed by which kernel. Data, validated before any load.
+
+A plan is global settings plus an ordered list of rules; each rule is a regex over checkpoint tensor names
+(`model.layers.5.mlp.experts.17.up_proj.weight`), first match wins. Kernels and formats come from closed
+registries: a plan file names them, it never names code. `plan_file.py` holds the YAML form.
+"""
+
+import re
+from dataclasses import dataclass, field
+from functools import cached_property
+
+from cpu_kernels.formats import parse_format
+from hybrid.config import ModelConfig
+from hybrid.errors import PlanError
+from hybrid.names import quantizable
+from placement import memory
+
+TORCH_FORMATS = ("bf16", "fp32", "fp8")  # fp8: the checkpoint's block-FP8, dequantized per use
+# kernel -> (what it may compute, devices, formats)
+KERNELS = {
+    "torch": "any tensor, on cpu or cuda:N, in bf16 or fp32 (or fp8 for the checkpoint's block-FP8 projections)",
+    "cpu_moe": "routed experts only, on cpu, in an expert-store format (bf16, int8, int4, with -g32/-g64/-g128)",
+}
+OPTIONS = {"torch": set(), "cpu_moe": {"threads"}}
+DEVICE_RE = re.compile(r"^(cpu|cuda:\d+)$")
+BACKINGS = ("ram", "disk")
+
+
+@dataclass(frozen=True)
+class Rule:
+    match: str
+    device: str
+    format: str
+    kernel: str
+    options: dict = field(default_factory=dict)
+    line: int | None = None  # where the rule stands in its plan file, for error messages
+
+    def where(self, source: str) -> str:
+        return f"{source}:{self.line}" if self.line else source
+
+
+@dataclass(frozen=True)
+class Settings:
+    context_length: int = 32768
+    batch: int = 1
+    cpu_threads: int = 1
+    expert_format: str = "int4"
+    gpu_expert_layers: tuple[int, ...] = ()
+    prefill_chunk: int = 512
+    numa_split: bool = False
+    expert_backing: str = "ram"
+
+
+@dataclass(frozen=True)
+class Plan:
+    model: str
+    settings: Settings
+    rules: tuple[Rule, ...]
+    source: str = "<plan>"
+
+    @cached_property
+    def _compiled(self):
+        return [(re.compile(r.match), r) for r in self.rules]
+
+    def rule_for(self, name: str) -> Rule | None:
+        for pattern, rule in self._compiled:
+            if pattern.search(name):
+                return rule
+        return None
+
+    @property
+    def devices(self) -> set[str]:
+        return {r.device for r in self.rules}
+
+    @property
+    def gpu_device(self) -> str | None:
+        gpus = sorted(d for d in self.devices if d.startswith("cuda"))
+        return gpus[0] if gpus else None
+
+
+def check_rule(rule: Rule, source: str):
+    """One rule on its own: regex compiles, device/format/kernel/options are known and go together."""
+    at = rule.where(source)
+    try:
+        re.compile(rule.match)
+    except re.error as e:
+        raise PlanError(f"{at}: bad regex {rule.match!r} ({e})") from None
+    if not DEVICE_RE.match(rule.device):
+        raise PlanError(f"{at}: unknown device {rule.device!r} (cpu or cuda:N)")
+    if rule.kernel not in KERNELS:
+        raise PlanError(f"{at}: unknown kernel {rule.kernel!r}; known: {', '.join(KERNELS)}")
+    if rule.kernel == "torch" and rule.format not in TORCH_FORMATS:
+        raise PlanError(f"{at}: kernel torch takes format {' or '.join(TORCH_FORMATS)}, not {rule.format!r}")
+    if rule.kernel == "cpu_moe":
+        if rule.device != "cpu":
+            raise PlanError(f"{at}: kernel cpu_moe runs on cpu, not {rule.device}")
+        try:
+            parse_format(rule.format)
+        except ValueError as e:
+            raise PlanError(f"{at}: unknown format {rule.format!r} for cpu_moe ({e})") from None
+    unknown = set(rule.options) - OPTIONS[rule.kernel]
+    if unknown:
+        raise PlanError(f"{at}: unknown option '{sorted(unknown)[0]}' for kernel {rule.kernel}")
+
+
+@dataclass(frozen=True)
+class Budget:
+    """Bytes per device and group the plan's placement costs, with cache and workspace on the main device."""
+
+    by_device: dict  # device -> {group: bytes}
+    expert_device_bytes: dict  # device -> routed-expert bytes
+
+    def total(self, device: str) -> int:
+        return sum(self.by_device.get(device, {}).values())
+
+
+def place_all(plan: Plan, cfg: ModelConfig) -> Budget:
+    """Place every tensor; error on one no rule matches or a kernel that cannot compute it."""
+    by_device, experts = {}, {}
+    for name, shape in memory.tensors(cfg):
+        rule = plan.rule_for(name)
+        if rule is None:
+            raise PlanError(f"{plan.source}: tensor {name} matches no rule (add a catch-all rule such as match: '.*')")
+        is_expert = memory.is_routed_expert(name)
+        if rule.kernel == "cpu_moe" and not is_expert:
+            raise PlanError(f"{rule.where(plan.source)}: kernel cpu_moe computes routed experts only, but "
+                            f"rule {rule.match!r} also matches {name}")
+        if rule.format == "fp8" and not quantizable(name):
+            raise PlanError(f"{rule.where(plan.source)}: format fp8 is only for block-FP8 projection weights, but "
+                            f"rule {rule.match!r} also matches {name}")
+        nbytes = memory.tensor_bytes(name, shape, rule.format)
+        group = memory.group_of(name)
+        dev = by_device.setdefault(rule.device, {})
+        dev[group] = dev.get(group, 0) + nbytes
+        if is_expert:
+            experts[rule.device] = experts.get(rule.device, 0) + nbytes
+    main = plan.gpu_device or "cpu"
+    s = plan.settings
+    dev = by_device.setdefault(main, {})
+    dev["kv_cache"] = memory.kv_cache_bytes(cfg, s.context_length, s.batch)
+    dev["workspace"] = memory.workspace_bytes(cfg, s.context_length, s.prefill_chunk, s.batch)
+    if main != "cpu":
+        dev["cuda_context"] = memory.CUDA_CONTEXT_BYTES
+    return Budget(by_device, experts)

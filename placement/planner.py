@@ -1,0 +1,292 @@
+"""The planner: from a config and a Hardware to a Plan, its memory budget, a projection and its reasons.
+
+Default policy: embeddings, MLA attention, norms, routers, shared experts, dense layers and lm_head on the GPU
+in bf16; routed experts in RAM for the CPU kernels; then, while GPU memory is left after cache and workspace,
+routed experts move to the GPU: the most-used (layer, expert) pairs when routing counts are given, else whole
+layers. No GPU: everything on the CPU. A plan that does not fit is refused here, before anything loads, with
+the numbers and the options that would fit, each with its projected speed.
+"""
+
+import json
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from hybrid.config import ModelConfig
+from hybrid.errors import PlanError
+from placement import memory
+from placement.hardware import Hardware
+from placement.plan import Budget, Plan, Rule, Settings, place_all
+from placement.projection import Projection, Traffic, project
+
+GIB = memory.GIB
+EXPERTS_RE = r"\.mlp\.experts\."
+EMBED_RE = r"^model\.embed_tokens\."
+# The block-FP8 projections outside the routed experts: attention, shared experts, dense MLPs.
+FP8_RE = (r"\.(self_attn\.(q_a_proj|q_b_proj|q_proj|kv_a_proj_with_mqa|kv_b_proj|o_proj)"
+          r"|mlp\.shared_experts\.\w+|mlp\.(gate|up|down)_proj)\.weight$")
+GPU_EXPERT_FORMAT = "bf16"
+WORKSPACE_SHARE = 0.08  # of GPU memory the prefill workspace may take (it sets the prefill chunk)
+MIN_RAM_EXPERT_SHARE = 0.05  # disk-backed experts need at least this share of them resident to be usable
+DEFAULT_CONTEXT = 32768
+
+
+@dataclass(frozen=True)
+class PlanRequest:
+    context_length: int | None = None
+    batch: int = 1
+    expert_format: str = "int4"
+    gpu_expert_layers: int | None = None  # None: as many as fit; 0: none
+    routing_counts: dict | None = None  # {layer: [count per expert]}
+    allow_disk: bool = False
+    numa_split: bool | None = None
+    cpu_threads: int | None = None
+
+
+@dataclass(frozen=True)
+class PlanResult:
+    plan: Plan
+    budget: Budget
+    projection: Projection
+    traffic: Traffic
+    hardware: Hardware
+    capacity: dict  # device -> bytes available
+    reasons: tuple[str, ...]
+
+
+def load_routing_counts(path) -> dict[int, list[int]]:
+    """Routing statistics JSON (written by `hybrid profile --routing-stats`): {"counts": {"3": [n, ...], ...}}."""
+    path = Path(path)
+    try:
+        raw = json.loads(path.read_text())["counts"]
+        return {int(layer): [int(c) for c in counts] for layer, counts in raw.items()}
+    except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as e:
+        raise PlanError(f"{path}: not a routing-statistics file with 'counts' per layer ({e})") from None
+
+
+def make_plan(cfg: ModelConfig, model: str, hw: Hardware, req: PlanRequest = PlanRequest()) -> PlanResult:
+    ctx = req.context_length or min(cfg.max_position_embeddings, DEFAULT_CONTEXT)
+    if ctx > cfg.max_position_embeddings:
+        raise PlanError(f"context {ctx} exceeds the model's max_position_embeddings ({cfg.max_position_embeddings})")
+    numa_split = req.numa_split if req.numa_split is not None else hw.numa_nodes > 1
+    settings = Settings(context_length=ctx, batch=req.batch, cpu_threads=req.cpu_threads or hw.cores,
+                        expert_format=req.expert_format, numa_split=numa_split)
+    reasons = [f"routed experts ({_gib(memory.expert_bytes(cfg, req.expert_format) * cfg.n_routed_experts * _n_moe(cfg))}"
+               f" GiB in {req.expert_format}) in RAM for the CPU kernels: {hw.cores} threads"]
+    if hw.gpu is None:
+        settings = replace(settings, prefill_chunk=512)
+        plan = _base_plan(model, settings, "cpu", req.expert_format, "bf16")
+        reasons.append("no GPU: attention, shared experts and head run on CPU torch in bf16")
+        capacity = {}
+    else:
+        cap = int(hw.gpu.memory_gib * GIB)
+        plan, need, weight_format = _gpu_base(cfg, model, settings, cap)
+        if need > cap:
+            raise PlanError(_gpu_refusal(cfg, model, hw, req, plan, cap))
+        chunk = plan.settings.prefill_chunk
+        plan, share, why = _gpu_experts(cfg, plan, cap - need, req)
+        reasons.append(f"attention, routers, shared experts, dense layers and head on cuda:0 "
+                       + ("in bf16" if weight_format == "bf16" else
+                          "keeping the checkpoint's block-FP8 projections (bf16 would not fit), head in bf16")
+                       + "; embedding lookups on the CPU (one row per token)")
+        reasons.append(f"prefill chunk {chunk}: the attention workspace stays under {WORKSPACE_SHARE:.0%} of the GPU")
+        reasons.append(why)
+        capacity = {"cuda:0": cap}
+    budget = place_all(plan, cfg)
+    plan, hit_rate, ram_reason = _fit_ram(cfg, model, hw, req, plan, budget)
+    reasons.append(ram_reason)
+    capacity["cpu"] = int(hw.ram_available_gib * GIB)
+    if hw.numa_nodes > 1:
+        reasons.append(f"{hw.numa_nodes} NUMA nodes: " + ("each expert's width split across nodes, node-local copies"
+                                                          if numa_split else "experts not split; remote reads cost"))
+    share = _gpu_share(cfg, plan, req.routing_counts) if hw.gpu is not None else 0.0
+    traffic = traffic_of(cfg, plan, budget, share, hit_rate)
+    proj = project(cfg, hw, traffic, ctx, req.batch, plan.settings.prefill_chunk, numa_split)
+    reasons.append(f"decode is bound by {proj.bound}")
+    return PlanResult(plan, budget, proj, traffic, hw, capacity, tuple(reasons))
+
+
+def evaluate(plan: Plan, cfg: ModelConfig, hw: Hardware, routing_counts=None) -> PlanResult:
+    """Check a given plan (a file a user edited, a translated one) against a model and a machine: every
+    tensor placed, every device within its memory, and project its speed."""
+    budget = place_all(plan, cfg)
+    capacity = {"cpu": int(hw.ram_available_gib * GIB)}
+    if hw.gpu is not None:
+        capacity["cuda:0"] = int(hw.gpu.memory_gib * GIB)
+    for device in budget.by_device:
+        if device not in capacity:
+            raise PlanError(f"{plan.source}: places tensors on {device}, which this machine does not have")
+        need = budget.total(device)
+        backed = plan.settings.expert_backing == "disk" and device == "cpu"
+        if need > capacity[device] and not backed:
+            parts = ", ".join(f"{g.replace('_', ' ')} {_gib(v)}" for g, v in
+                              sorted(budget.by_device[device].items(), key=lambda kv: -kv[1]) if v >= 0.05 * GIB)
+            raise PlanError(f"{plan.source}: needs {_gib(need)} GiB on {device} ({parts}), has {_gib(capacity[device])}")
+    hit = 1.0
+    if plan.settings.expert_backing == "disk":
+        experts = budget.expert_device_bytes.get("cpu", 0)
+        resident = capacity["cpu"] - (budget.total("cpu") - experts)
+        hit = ram_hit_rate(cfg, max(resident, 0) / max(experts, 1), routing_counts)
+    share = _gpu_share(cfg, plan, routing_counts)
+    traffic = traffic_of(cfg, plan, budget, share, hit)
+    s = plan.settings
+    proj = project(cfg, hw, traffic, s.context_length, s.batch, s.prefill_chunk, s.numa_split)
+    return PlanResult(plan, budget, proj, traffic, hw, capacity, (f"checked {plan.source}", f"decode is bound by {proj.bound}"))
+
+
+def _n_moe(cfg):
+    return cfg.num_hidden_layers - cfg.first_k_dense_replace
+
+
+def _gib(n: float) -> str:
+    return f"{n / GIB:.1f}"
+
+
+def _gpu_base(cfg, model, settings: Settings, cap: int):
+    """The GPU-side base plan at this context: prefill chunk sized to the workspace share, bf16 weights if they
+    fit, else the checkpoint's block-FP8. -> (plan, bytes needed on cuda:0, weight format)."""
+    chunk = memory.largest_chunk(cfg, settings.context_length, int(WORKSPACE_SHARE * cap), settings.batch)
+    settings = replace(settings, prefill_chunk=chunk)
+    for weight_format in ("bf16", "fp8") if cfg.fp8_block else ("bf16",):
+        plan = _base_plan(model, settings, "cuda:0", settings.expert_format, weight_format)
+        need = place_all(plan, cfg).total("cuda:0")
+        if need <= cap:
+            break
+    return plan, need, weight_format
+
+
+def _base_plan(model, settings, main_device, expert_format, weight_format) -> Plan:
+    rules = [Rule(EXPERTS_RE, "cpu", expert_format, "cpu_moe", {"threads": settings.cpu_threads})]
+    if main_device != "cpu":
+        rules.append(Rule(EMBED_RE, "cpu", "bf16", "torch"))
+    if weight_format == "fp8":
+        rules.append(Rule(FP8_RE, main_device, "fp8", "torch"))
+    rules.append(Rule(".*", main_device, "bf16", "torch"))
+    return Plan(model=model, settings=settings, rules=tuple(rules))
+
+
+def _gpu_experts(cfg, plan: Plan, spare: int, req: PlanRequest):
+    """Fill spare GPU memory with routed experts: hottest pairs given routing counts, else whole layers."""
+    one = memory.expert_bytes(cfg, GPU_EXPERT_FORMAT)
+    if req.gpu_expert_layers == 0 or spare < one:
+        return plan, 0.0, f"no routed experts on the GPU ({_gib(spare)} GiB spare after cache and workspace)"
+    if req.routing_counts:
+        pairs = sorted(((c, layer, e) for layer, counts in req.routing_counts.items() for e, c in enumerate(counts)),
+                       reverse=True)[: spare // one]
+        by_layer = {}
+        for _, layer, e in pairs:
+            by_layer.setdefault(layer, []).append(e)
+        rules = tuple(Rule(rf"^model\.layers\.{layer}\.mlp\.experts\.({'|'.join(map(str, sorted(es)))})\.",
+                           "cuda:0", GPU_EXPERT_FORMAT, "torch") for layer, es in sorted(by_layer.items()))
+        plan = replace(plan, rules=rules + plan.rules)
+        return plan, 0.0, (f"{len(pairs)} most-used experts from the routing counts on cuda:0 "
+                           f"({_gib(len(pairs) * one)} GiB of {_gib(spare)} spare)")
+    per_layer = one * cfg.n_routed_experts
+    n = min(spare // per_layer, _n_moe(cfg), req.gpu_expert_layers if req.gpu_expert_layers else 10**9)
+    if n == 0:
+        return plan, 0.0, (f"no whole expert layer fits the {_gib(spare)} GiB spare on the GPU "
+                           f"(one takes {_gib(per_layer)} GiB in bf16)")
+    layers = tuple(range(cfg.first_k_dense_replace, cfg.first_k_dense_replace + n))
+    rule = Rule(rf"^model\.layers\.({'|'.join(map(str, layers))})\.mlp\.experts\.", "cuda:0", GPU_EXPERT_FORMAT,
+                "torch")
+    plan = replace(plan, rules=(rule,) + plan.rules, settings=replace(plan.settings, gpu_expert_layers=layers))
+    return plan, 0.0, f"routed experts of {n} layer(s) {list(layers)} on cuda:0 ({_gib(n * per_layer)} GiB of {_gib(spare)} spare)"
+
+
+def _gpu_share(cfg, plan: Plan, routing_counts) -> float:
+    """Share of routed-expert traffic served on the GPU: by routing counts when known, else uniform."""
+    gpu = plan.gpu_device
+    if gpu is None:
+        return 0.0
+    total = hit = 0.0
+    for layer in cfg.moe_layers:
+        counts = (routing_counts or {}).get(layer) or [1] * cfg.n_routed_experts
+        for e, c in enumerate(counts):
+            total += c
+            rule = plan.rule_for(f"model.layers.{layer}.mlp.experts.{e}.up_proj.weight")
+            if rule is not None and rule.device == gpu:
+                hit += c
+    return hit / total if total else 0.0
+
+
+def _fit_ram(cfg, model, hw: Hardware, req: PlanRequest, plan: Plan, budget: Budget):
+    avail = int(hw.ram_available_gib * GIB)
+    need = budget.total("cpu")
+    experts = budget.expert_device_bytes.get("cpu", 0)
+    if need <= avail:
+        return plan, 1.0, f"RAM: {_gib(need)} of {_gib(avail)} GiB available"
+    resident = avail - (need - experts)
+    if req.allow_disk and resident >= MIN_RAM_EXPERT_SHARE * experts:
+        hit = ram_hit_rate(cfg, resident / experts, req.routing_counts)
+        plan = replace(plan, settings=replace(plan.settings, expert_backing="disk"))
+        return plan, hit, (f"RAM holds {resident / experts:.0%} of the routed experts; the rest stay memory-mapped "
+                           f"on disk ({hw.disk_read_gbps} GB/s), expected page-cache hit rate {hit:.0%}")
+    raise PlanError(_ram_refusal(cfg, model, hw, req, need, avail, experts))
+
+
+def ram_hit_rate(cfg, resident_share: float, counts) -> float:
+    """Share of expert reads the page cache serves when it holds `resident_share` of the expert bytes: the hot
+    set by routing counts when known, else uniform."""
+    if not counts:
+        return min(resident_share, 1.0)
+    flat = sorted((c for layer in cfg.moe_layers for c in counts.get(layer, [1] * cfg.n_routed_experts)), reverse=True)
+    keep = int(resident_share * len(flat))
+    return sum(flat[:keep]) / max(sum(flat), 1)
+
+
+def traffic_of(cfg, plan: Plan, budget: Budget, gpu_share: float, hit_rate: float) -> Traffic:
+    gpu = plan.gpu_device
+    counts = memory.param_counts(cfg)
+    dense_active = counts["attention"] + counts["shared_experts"] + counts["dense_mlp"] + counts["lm_head"]
+    if gpu is None:
+        cpu_dev = budget.by_device.get("cpu", {})
+        non_expert = sum(v for g, v in cpu_dev.items() if g not in ("routed_experts", "kv_cache", "workspace", "embed"))
+        return Traffic(0, 0, non_expert, memory.expert_bytes(cfg, plan.settings.expert_format), 0.0, hit_rate,
+                       0, dense_active)
+    dev = budget.by_device.get(gpu, {})
+    weights = sum(v for g, v in dev.items() if g not in ("routed_experts", "kv_cache", "workspace", "cuda_context",
+                                                         "embed"))
+    return Traffic(weights, dev.get("shared_experts", 0), 0, memory.expert_bytes(cfg, plan.settings.expert_format),
+                   gpu_share, hit_rate, dense_active, 0)
+
+
+def _try(cfg, model, hw, req) -> PlanResult | None:
+    try:
+        return make_plan(cfg, model, hw, req)
+    except PlanError:
+        return None
+
+
+def _gpu_refusal(cfg, model, hw, req, plan: Plan, cap: int) -> str:
+    dev = place_all(plan, cfg).by_device["cuda:0"]
+    ctx = plan.settings.context_length
+    parts = ", ".join(f"{g.replace('_', ' ')} {_gib(v)}" + (f" at {ctx} tokens" if g == "kv_cache" else "")
+                      for g, v in sorted(dev.items(), key=lambda kv: -kv[1]) if v >= 0.05 * GIB)
+    msg = f"needs {_gib(sum(dev.values()))} GiB on cuda:0 ({parts}), has {_gib(cap)}"
+    options = []
+    lo, hi = 0, ctx
+    while hi - lo > 1024:  # the longest context that fits, to 1K tokens
+        mid = (lo + hi) // 2
+        fits = _gpu_base(cfg, model, replace(plan.settings, context_length=mid), cap)[1] <= cap
+        lo, hi = (mid, hi) if fits else (lo, mid)
+    fit = _try(cfg, model, hw, replace(req, context_length=lo)) if lo >= 1024 else None
+    if fit is not None:
+        options.append(f"--context {lo} ({fit.projection.decode_tps:.1f} tok/s decode)")
+    options.append("a GPU with more memory")
+    return msg + "; would fit: " + "; ".join(options)
+
+
+def _ram_refusal(cfg, model, hw, req, need, avail, experts) -> str:
+    msg = (f"needs {_gib(need)} GiB of RAM (routed experts {_gib(experts)} in {req.expert_format}, other "
+           f"{_gib(need - experts)}), has {_gib(avail)} available: short by {_gib(need - avail)} GiB")
+    options = []
+    for fmt in ("int4-g128", "int4-g64"):
+        if memory.expert_bytes(cfg, fmt) < memory.expert_bytes(cfg, req.expert_format):
+            fit = _try(cfg, model, hw, replace(req, expert_format=fmt))
+            if fit is not None:
+                options.append(f"--experts {fmt} ({fit.projection.decode_tps:.1f} tok/s decode)")
+    if not req.allow_disk:
+        fit = _try(cfg, model, hw, replace(req, allow_disk=True))
+        if fit is not None:
+            options.append(f"--allow-disk: experts beyond RAM memory-mapped from disk "
+                           f"({fit.projection.decode_tps:.2f} tok/s decode at {hw.disk_read_gbps} GB/s)")
+    return msg + ("; options: " + "; ".join(options) if options else "; no format or disk backing makes it fit")

@@ -1,0 +1,106 @@
+"""Projected decode and prefill tokens/s: a roofline of each part of a token's work.
+
+Decode (one token per sequence, `batch` sequences, context c):
+    t_gpu    = (GPU weight bytes read + batch x c x cache bytes/token) / GPU bandwidth
+    t_cpu    = batch-deduplicated expert bytes streamed from RAM / (RAM bandwidth x kernel efficiency x NUMA factor)
+               + expert bytes that miss the page cache / disk bandwidth            (disk-backed experts only)
+    t_shared = shared-expert bytes / GPU bandwidth      (runs while the CPU computes the routed experts)
+    t_xfer   = MoE layers x 2 x (batch x H x 2 bytes / PCIe + PCIE_LATENCY_S)   (hidden states down, results up)
+    t_token  = (t_gpu - t_shared) + max(t_cpu, t_shared) + t_xfer + layers x layer overhead
+    decode tokens/s = batch / t_token
+Prefill (a chunk of C prompt tokens):
+    t_gpu    = 2 x C x GPU-resident active params / (GPU FLOP/s x GPU_MATMUL_EFFICIENCY) + attention FLOPs likewise
+    t_cpu    = MoE layers x [C x K x 6 H I / CPU FLOP/s + min(E, C x K) x expert bytes / RAM bandwidth]
+    prefill tokens/s = C / (t_gpu + t_cpu + t_xfer + layers x overhead)
+With no GPU every part runs on the CPU: bytes / RAM bandwidth and FLOPs / CPU FLOP/s.
+Experts the plan puts on the GPU take their share of routed traffic (`gpu_expert_share`) off the CPU.
+"""
+
+from dataclasses import dataclass
+
+from hybrid.config import ModelConfig
+from placement.hardware import Hardware
+
+PCIE_LATENCY_S = 10e-6
+GPU_MATMUL_EFFICIENCY = 0.6
+NUMA_UNSPLIT_FACTOR = 0.6  # threads on every node reading one node's pages: measured elsewhere at 55-65 %
+
+
+@dataclass(frozen=True)
+class Traffic:
+    """What the plan moves per token, in bytes (from the planner's placement)."""
+
+    gpu_weight_bytes: int  # non-expert weights on the GPU read per decoded token
+    gpu_shared_bytes: int  # of which the shared experts
+    cpu_weight_bytes: int  # non-expert weights on the CPU (all-CPU plans)
+    expert_bytes: int  # one routed expert in its CPU format
+    gpu_expert_share: float  # share of routed-expert traffic served by GPU-resident experts
+    ram_hit_rate: float = 1.0  # share of CPU expert reads served from RAM (below 1 only for disk-backed experts)
+    gpu_active_params: int = 0  # params used per token on the GPU (for prefill FLOPs)
+    cpu_active_params: int = 0
+
+
+@dataclass(frozen=True)
+class Projection:
+    decode_tps: float
+    prefill_tps: float
+    decode_ms: dict  # component -> ms per decode step
+    prefill_ms: dict  # component -> ms per prefill chunk
+    bound: str  # the part that dominates decode
+
+
+def unique_experts(n_experts: int, k: int, tokens: int) -> float:
+    """Expected distinct experts touched by `tokens` independent top-k choices (uniform routing)."""
+    return n_experts * (1 - (1 - k / n_experts) ** tokens)
+
+
+def cpu_bandwidth(hw: Hardware, numa_split: bool) -> float:
+    bw = hw.ram_bandwidth_gbps * 1e9 * hw.cpu_kernel_efficiency
+    if hw.numa_nodes > 1 and not numa_split:
+        bw *= NUMA_UNSPLIT_FACTOR
+    return bw
+
+
+def project(cfg: ModelConfig, hw: Hardware, tr: Traffic, context: int, batch: int = 1, chunk: int = 512,
+            numa_split: bool = True) -> Projection:
+    n_moe = cfg.num_hidden_layers - cfg.first_k_dense_replace
+    E, K, H, I = cfg.n_routed_experts, cfg.num_experts_per_tok, cfg.hidden_size, cfg.moe_intermediate_size
+    cpu_bw = cpu_bandwidth(hw, numa_split)
+    overhead = cfg.num_hidden_layers * hw.layer_overhead_us * 1e-6
+    cpu_share = 1 - tr.gpu_expert_share
+    # decode
+    experts_read = n_moe * unique_experts(E, K, batch) * cpu_share * tr.expert_bytes
+    t_cpu = experts_read * tr.ram_hit_rate / cpu_bw + experts_read * (1 - tr.ram_hit_rate) / (hw.disk_read_gbps * 1e9)
+    t_cpu += tr.cpu_weight_bytes / cpu_bw
+    cache_read = batch * context * cfg.kv_cache_bytes_per_token
+    if hw.gpu is not None:
+        gpu_bw = hw.gpu.bandwidth_gbps * 1e9
+        t_gpu = (tr.gpu_weight_bytes + cache_read) / gpu_bw
+        t_shared = tr.gpu_shared_bytes / gpu_bw
+        t_xfer = n_moe * 2 * (batch * H * 2 / (hw.gpu.pcie_gbps * 1e9) + PCIE_LATENCY_S)
+    else:
+        t_gpu, t_shared, t_xfer = 0.0, 0.0, 0.0
+        t_cpu += cache_read / cpu_bw
+    t_decode = (t_gpu - t_shared) + max(t_cpu, t_shared) + t_xfer + overhead
+    decode_ms = {"gpu": 1e3 * (t_gpu - t_shared), "cpu_experts": 1e3 * t_cpu, "shared_overlapped": 1e3 * t_shared,
+                 "transfers": 1e3 * t_xfer, "overhead": 1e3 * overhead}
+    bound = max(("gpu", t_gpu), ("cpu_experts", t_cpu), ("transfers", t_xfer), ("overhead", overhead),
+                key=lambda kv: kv[1])[0]
+    # prefill: one chunk of C tokens at half the context on average
+    C = chunk
+    touched = n_moe * unique_experts(E, K, C * batch) * cpu_share * tr.expert_bytes
+    expert_flops = n_moe * C * batch * K * 6 * H * I * cpu_share
+    attn_flops = cfg.num_hidden_layers * 2 * C * batch * (context / 2) * cfg.num_attention_heads * (
+        2 * cfg.kv_lora_rank + cfg.qk_rope_head_dim)
+    t_cpu_p = expert_flops / hw.cpu_flops + touched / cpu_bw + 2 * C * batch * tr.cpu_active_params / hw.cpu_flops
+    if hw.gpu is not None:
+        gpu_flops = hw.gpu.bf16_tflops * 1e12 * GPU_MATMUL_EFFICIENCY
+        t_gpu_p = (2 * C * batch * tr.gpu_active_params + attn_flops) / gpu_flops
+        t_xfer_p = n_moe * 2 * (C * batch * H * 2 / (hw.gpu.pcie_gbps * 1e9) + PCIE_LATENCY_S)
+    else:
+        t_gpu_p, t_xfer_p = 0.0, 0.0
+        t_cpu_p += attn_flops / hw.cpu_flops
+    t_prefill = t_gpu_p + t_cpu_p + t_xfer_p + overhead
+    prefill_ms = {"gpu": 1e3 * t_gpu_p, "cpu_experts": 1e3 * t_cpu_p, "transfers": 1e3 * t_xfer_p,
+                  "overhead": 1e3 * overhead}
+    return Projection(batch / t_decode, C * batch / t_prefill, decode_ms, prefill_ms, bound)

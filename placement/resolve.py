@@ -1,0 +1,32 @@
+"""Front-end helpers: a MODEL argument (preset name or checkpoint folder) and hardware from file and flags."""
+
+from pathlib import Path
+
+from hybrid.config import ModelConfig, load_config
+from hybrid.errors import PlanError
+from placement import presets
+from placement.hardware import Hardware, describe, detect, load_hardware
+
+
+def resolve_model(text: str) -> tuple[str, ModelConfig]:
+    path = Path(text)
+    if path.is_dir():
+        return str(path), load_config(path)
+    if path.is_file() and path.suffix == ".json":
+        return path.stem, load_config(path)
+    cfg = presets.load(text)
+    if cfg is None:
+        raise PlanError(f"{text!r} is neither a checkpoint folder nor a preset ({', '.join(presets.names())})")
+    return text, cfg
+
+
+def resolve_hardware(hardware_file=None, **flags) -> Hardware:
+    """Hardware YAML if given, else this machine when no machine-describing flag is given; flags override."""
+    given = {k: v for k, v in flags.items() if v is not None}
+    if hardware_file:
+        base = load_hardware(hardware_file)
+    elif {"gpu", "ram"} & set(given):
+        base = None  # describing another machine: nothing detected here applies
+    else:
+        base = detect()
+    return describe(base=base, **given) if given else base

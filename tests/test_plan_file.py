@@ -1,0 +1,180 @@
+"""Plan files: round trip, and one error naming file and line per bad case; KTransformers rules; the CLI."""
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from hybrid.errors import PlanError
+from placement import presets
+from placement.hardware import describe, load_hardware
+from placement.ktransformers import translate
+from placement.plan import Plan, Settings
+from placement.plan_file import dump_plan, load_plan
+from placement.planner import PlanRequest, evaluate, make_plan
+
+K2 = presets.load("kimi-k2-instruct-0905")
+HW = describe(gpu="RTX 4090", ram="768GB", memory="DDR5-4800x8", cores=32)
+HYBRID = str(Path(sys.executable).parent / "hybrid")
+
+GOOD = """\
+model: kimi-k2-instruct-0905
+settings:
+  context_length: 16384
+  cpu_threads: 16
+  prefill_chunk: 64
+rules:
+  - match: '\\.mlp\\.experts\\.'
+    device: cpu
+    format: int4
+    kernel: cpu_moe
+  - match: '^model\\.embed_tokens\\.'
+    device: cpu
+    format: bf16
+    kernel: torch
+  - match: '.*'
+    device: cuda:0
+    format: bf16
+    kernel: torch
+"""
+
+
+def write(tmp_path, text):
+    path = tmp_path / "plan.yaml"
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+def test_round_trip(tmp_path):
+    made = make_plan(K2, "kimi-k2-instruct-0905", HW, PlanRequest(context_length=131072)).plan
+    path = tmp_path / "p.yaml"
+    path.write_text(dump_plan(made, "a header"))
+    back = load_plan(path)
+    assert back.settings == made.settings
+    assert [(r.match, r.device, r.format, r.kernel, r.options) for r in back.rules] == \
+           [(r.match, r.device, r.format, r.kernel, r.options) for r in made.rules]
+    assert evaluate(back, K2, HW).budget.total("cuda:0") == evaluate(made, K2, HW).budget.total("cuda:0")
+
+
+def test_hand_written_plan_is_checked_and_projected(tmp_path):
+    result = evaluate(load_plan(write(tmp_path, GOOD)), K2, HW)
+    assert result.plan.settings.context_length == 16384 and result.projection.decode_tps > 1
+
+
+BAD = [
+    ("settings:\n  contxt_length: 5\nrules: []\n", 2, "unknown key 'contxt_length'"),
+    (GOOD.replace("  - match: '.*'", "  - match: '(unclosed'"), 15, "bad regex"),
+    (GOOD.replace("device: cuda:0", "device: tpu:0"), 15, "unknown device 'tpu:0'"),
+    (GOOD.replace("format: int4", "format: int3"), 7, "unknown format 'int3'"),
+    (GOOD.replace("kernel: cpu_moe", "kernel: marlin"), 7, "unknown kernel 'marlin'"),
+    (GOOD.replace("    kernel: torch\n", "    kernel: torch\n    colour: red\n", 1), 15, "unknown key 'colour'"),
+    (GOOD.replace("cpu_threads: 16", "cpu_threads: many"), 4, "positive integer"),
+    ("rules:\n  - match: x\n    device: cpu\n    kernel: torch\n", 2, "missing key 'format'"),
+    ("model: [unclosed\n", 2, "not valid YAML"),
+]
+
+
+@pytest.mark.parametrize("text,line,what", BAD, ids=[b[2] for b in BAD])
+def test_bad_file_names_file_and_line(tmp_path, text, line, what):
+    path = write(tmp_path, text)
+    with pytest.raises(PlanError) as e:
+        load_plan(path)
+    assert f"{path}:{line}:" in str(e.value) and what in str(e.value)
+
+
+def test_unplaced_tensors_are_named(tmp_path):
+    plan = load_plan(write(tmp_path, GOOD.split("  - match: '.*'")[0]))
+    with pytest.raises(PlanError, match=r"plan.yaml: tensor model\.norm\.weight matches no rule"):
+        evaluate(plan, K2, HW)
+
+
+def test_overflowing_plan_is_refused_with_numbers(tmp_path):
+    plan = load_plan(write(tmp_path, GOOD.replace("format: int4", "format: bf16").replace(
+        "device: cpu\n    format: bf16\n    kernel: cpu_moe", "device: cuda:0\n    format: bf16\n    kernel: torch")))
+    with pytest.raises(PlanError, match=r"plan.yaml: needs [\d.]+ GiB on cuda:0 \(routed experts [\d.]+.*\), has 24.0"):
+        evaluate(plan, K2, HW)
+
+
+def test_cpu_moe_on_non_expert_tensors_is_refused(tmp_path):
+    plan = load_plan(write(tmp_path, GOOD.replace("'\\.mlp\\.experts\\.'", "'\\.mlp\\.'")))
+    with pytest.raises(PlanError, match="plan.yaml:7: kernel cpu_moe computes routed experts only"):
+        evaluate(plan, K2, HW)
+
+
+KT_RULES = """\
+- match:
+    class: ktransformers.models.modeling_deepseek_v3.DeepseekV3RotaryEmbedding
+  replace:
+    class: ktransformers.operators.RoPE.YarnRotaryEmbeddingV3
+- match:
+    name: "^model\\\\.layers\\\\.(?!.*self_attn\\\\.kv_b_proj).*$"
+    class: torch.nn.Linear
+  replace:
+    class: ktransformers.operators.linear.KTransformersLinear
+    kwargs: {generate_device: "cuda", prefill_device: "cuda", generate_op: "KLinearMarlin", prefill_op: "KLinearTorch"}
+- match:
+    name: "^model\\\\.layers\\\\..*\\\\.mlp\\\\.experts$"
+  replace:
+    class: ktransformers.operators.experts.KTransformersExperts
+    kwargs: {prefill_device: "cuda", prefill_op: "KExpertsTorch", generate_device: "cpu", generate_op: "KExpertsCPU", out_device: "cuda"}
+  recursive: False
+- match:
+    name: "^model\\\\.embed_tokens"
+  replace:
+    class: "default"
+    kwargs: {generate_device: "cpu", prefill_device: "cpu"}
+- match:
+    name: "^model$"
+  replace:
+    class: "ktransformers.operators.models.KDeepseekV2Model"
+    kwargs: {per_layer_prefill_intput_threshold: 0}
+"""
+
+
+def test_ktransformers_rules_translate(tmp_path):
+    path = tmp_path / "DeepSeek-V3-Chat.yaml"
+    path.write_text(KT_RULES)
+    t = translate(path)
+    plan = Plan("k2", Settings(context_length=8192, cpu_threads=32, prefill_chunk=64), t.rules, source=str(path))
+    assert plan.rule_for("model.layers.3.mlp.experts.7.down_proj.weight").kernel == "cpu_moe"
+    assert plan.rule_for("model.layers.3.self_attn.o_proj.weight").device == "cuda:0"
+    assert plan.rule_for("model.embed_tokens.weight").device == "cpu"
+    notes = "\n".join(t.notes)
+    assert "KLinearMarlin has no equivalent" in notes and "per_layer_prefill_intput_threshold" in notes
+    assert "out_device" in notes and "matches by class only" in notes
+    assert evaluate(plan, K2, HW).projection.decode_tps > 1
+
+
+def test_hardware_yaml(tmp_path):
+    path = tmp_path / "hw.yaml"
+    path.write_text("gpu: RTX 4090\nram_gib: 512\nmemory: DDR5-4800x8\ncores: 32\n")
+    h = load_hardware(path)
+    assert h.gpu.memory_gib == 24 and round(h.ram_bandwidth_gbps, 1) == 230.4
+    path.write_text("gpu: RTX 4090\nram_gib: 512\nram_speed: fast\n")
+    with pytest.raises(PlanError, match="hw.yaml: unknown key 'ram_speed'"):
+        load_hardware(path)
+
+
+def run(*args):
+    return subprocess.run([HYBRID, *map(str, args)], capture_output=True, text=True, timeout=120)
+
+
+def test_cli_plan_json_and_file(tmp_path):
+    out = tmp_path / "plan.yaml"
+    r = run("plan", "kimi-k2-instruct-0905", "--gpu", "RTX 4090", "--ram", "768GB", "--memory", "DDR5-4800x8",
+            "--cores", 32, "--context", 131072, "--json", "-o", out)
+    assert r.returncode == 0, r.stderr
+    data = json.loads(r.stdout)
+    assert data["devices"]["cuda:0"]["total"] <= 24 * 2**30 and data["projection"]["decode_tokens_per_s"] > 1
+    r = run("plan", "kimi-k2-instruct-0905", "--gpu", "RTX 4090", "--ram", "768GB", "--check", out)
+    assert r.returncode == 0, r.stderr
+    assert "projected" in r.stdout
+
+
+def test_cli_refusal_is_one_line():
+    r = run("plan", "kimi-k2-instruct-0905", "--gpu", "RTX 4070 Ti", "--ram", "768GB", "--context", 262144)
+    assert r.returncode == 2 and "needs" in r.stderr and "has 12.0" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
