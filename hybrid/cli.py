@@ -59,38 +59,35 @@ def make_tiny_cmd(out, fp8, layers, dense_layers, experts, top_k, hidden, n_grou
 @click.argument("model", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--prompt", help="Prompt text (needs the checkpoint's tokenizer).")
 @click.option("--prompt-ids", help="Prompt as comma-separated token ids, e.g. 1,2,3.")
+@click.option("--plan", "plan_file", type=click.Path(exists=True, dir_okay=False), help="Placement plan YAML.")
+@click.option("--store", type=click.Path(exists=True, file_okay=False), help="Expert store from `hybrid convert`.")
 @click.option("--max-new-tokens", default=32, show_default=True)
-@click.option("--temperature", default=0.0, show_default=True, help="0 is greedy.")
-@click.option("--top-p", default=1.0, show_default=True)
-@click.option("--top-k", default=0, show_default=True)
+@click.option("--temperature", type=float, help="0 is greedy; default from generation_config.json (K2: 0.6).")
+@click.option("--top-p", type=float)
+@click.option("--top-k", type=int)
 @click.option("--min-p", default=0.0, show_default=True)
 @click.option("--seed", type=int)
-@click.option("--dtype", type=click.Choice(["float32", "bfloat16"]), default="float32", show_default=True)
+@click.option("--stop", multiple=True, help="Stop string (repeatable).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of streaming text.")
-def generate(model, prompt, prompt_ids, max_new_tokens, temperature, top_p, top_k, min_p, seed, dtype, as_json):
-    """Generate from MODEL (a checkpoint folder) and print the tokens as they come."""
-    import torch
+def generate(model, prompt, prompt_ids, plan_file, store, as_json, stop, **sampling):
+    """Generate from MODEL (a checkpoint folder) and print the text as it comes."""
+    from hybrid.generate import Stats, default_stop_ids, generate as run, sampling_params
 
-    from hybrid.generate import Stats, default_stop_ids
-    from hybrid.generate import generate as run
-    from hybrid.sampling import SamplingParams
-
-    params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, seed=seed,
-                            max_new_tokens=max_new_tokens)
-    net, tokenizer = load_for_cli(model, getattr(torch, dtype))
+    net, tokenizer = load_for_cli(model, plan_file, store)
     ids = parse_prompt(prompt, prompt_ids, tokenizer)
+    params = sampling_params(model, net.config, **sampling)
     stats = Stats()
-    for step in run(net, ids, params, stop_ids=default_stop_ids(model, net, tokenizer), stats=stats):
-        if not as_json and tokenizer is None:
-            click.echo(f"{step.token} ", nl=False)
-    text = tokenizer.decode(stats.tokens) if tokenizer else None
+    for step in run(net, ids, params, default_stop_ids(model, net, tokenizer), stats, tokenizer=tokenizer,
+                    stop_strings=stop):
+        if not as_json:
+            click.echo(step.text if tokenizer else f"{step.token} ", nl=False)
     if as_json:
-        click.echo(json.dumps({"prompt_ids": ids, "generated_ids": stats.tokens, "text": text,
-                               "finish_reason": stats.finish_reason, "prompt_tokens": stats.prompt_tokens,
-                               "generated_tokens": stats.generated_tokens,
+        click.echo(json.dumps({"prompt_ids": ids, "generated_ids": stats.tokens,
+                               "text": stats.text if tokenizer else None, "finish_reason": stats.finish_reason,
+                               "prompt_tokens": stats.prompt_tokens, "generated_tokens": stats.generated_tokens,
                                "prefill_s": round(stats.prefill_s, 4), "decode_s": round(stats.decode_s, 4)}))
     else:
-        click.echo(text if text is not None else "")
+        click.echo()
         err.print(f"[dim]{stats.generated_tokens} tokens, finish: {stats.finish_reason}, "
                   f"decode {stats.generated_tokens / max(stats.decode_s, 1e-9):.1f} tok/s[/dim]")
 
@@ -149,8 +146,9 @@ def parse_prompt(prompt, prompt_ids, tokenizer) -> list[int]:
     return tokenizer.encode(prompt)
 
 
-def load_for_cli(folder: Path, dtype):
-    """Open and validate the checkpoint (errors before any weight is read), then load with a progress bar."""
+def load_for_cli(folder: Path, plan_file=None, store=None):
+    """Open and validate the checkpoint and the plan (errors before any weight is read), then load with a
+    progress bar."""
     from rich.progress import Progress
 
     from hybrid.checkpoint import Checkpoint
@@ -158,10 +156,18 @@ def load_for_cli(folder: Path, dtype):
     from hybrid.tokenizer import Tokenizer
 
     ckpt = Checkpoint.open(folder)
+    plan = None
+    if plan_file:
+        from placement.plan_file import load_plan
+        from placement.plan import place_all
+
+        plan = load_plan(plan_file)
+        place_all(plan, ckpt.config)  # every tensor placed, every kernel able to compute what it is given
     tokenizer = Tokenizer.from_folder(folder)
     with Progress(console=err, transient=True) as bar:
         task = bar.add_task("loading weights", total=len(ckpt.tensors))
-        net = load_model(ckpt, dtype=dtype, progress=lambda done, total: bar.update(task, completed=done, total=total))
+        net = load_model(ckpt, plan=plan, store=store,
+                         progress=lambda done, total: bar.update(task, completed=done, total=total))
     return net, tokenizer
 
 

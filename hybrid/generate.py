@@ -12,6 +12,7 @@ import torch
 from hybrid.errors import ConfigError, GenerationError
 from hybrid.kv_cache import MLACache
 from hybrid.sampling import SamplingParams, sample
+from hybrid.streaming import TextStream
 
 DEFAULT_PREFILL_CHUNK = 256  # tokens per prefill forward: bounds the [chunk x context] attention scores
 
@@ -19,7 +20,8 @@ DEFAULT_PREFILL_CHUNK = 256  # tokens per prefill forward: bounds the [chunk x c
 @dataclass
 class Step:
     token: int
-    finish_reason: str | None  # "stop" (a stop id) or "length" (max_new_tokens) on the last step
+    finish_reason: str | None  # "stop" (a stop id or string) or "length" (max_new_tokens) on the last step
+    text: str = ""  # new printable text (with a tokenizer): whole characters, stop strings held back
 
 
 @dataclass
@@ -30,6 +32,7 @@ class Stats:
     decode_s: float = 0.0
     finish_reason: str | None = None
     tokens: list[int] = field(default_factory=list)
+    text: str = ""
 
 
 def device_of(model) -> torch.device:
@@ -68,6 +71,34 @@ def should_stop(token: int, n_generated: int, params: SamplingParams, stop_ids) 
     return None
 
 
+K2_DEFAULT_TEMPERATURE = 0.6  # Moonshot's recommendation for Kimi-K2-Instruct
+
+
+def default_sampling(folder, model_type: str) -> dict:
+    """Sampling defaults: generation_config.json's temperature/top_p/top_k when it sets them, else K2's 0.6."""
+    gen_path = Path(folder) / "generation_config.json"
+    raw = {}
+    if gen_path.is_file():
+        try:
+            raw = json.loads(gen_path.read_text())
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{gen_path}: not valid JSON ({e})") from None
+    out = {k: raw[k] for k in ("temperature", "top_p", "top_k") if isinstance(raw.get(k), (int, float))}
+    if "temperature" not in out and model_type == "kimi_k2":
+        out["temperature"] = K2_DEFAULT_TEMPERATURE
+    if raw.get("do_sample") is False:
+        out["temperature"] = 0.0
+    return out
+
+
+def sampling_params(folder, config, temperature=None, top_p=None, top_k=None, min_p=0.0, seed=None,
+                    max_new_tokens=64) -> SamplingParams:
+    """SamplingParams from explicit values, falling back to the checkpoint's defaults (default_sampling)."""
+    given = {"temperature": temperature, "top_p": top_p, "top_k": top_k}
+    values = default_sampling(folder, config.model_type) | {k: v for k, v in given.items() if v is not None}
+    return SamplingParams(min_p=min_p, seed=seed, max_new_tokens=max_new_tokens, **values)
+
+
 def default_stop_ids(folder, model, tokenizer=None) -> set[int]:
     """eos ids of config.json and generation_config.json, plus the chat end marker <|im_end|> when known."""
     ids = set(model.config.eos_token_ids)
@@ -91,8 +122,9 @@ def check_prompt(model, ids: list[int]):
 
 
 def generate(model, ids: list[int], params: SamplingParams, stop_ids=(), stats: Stats | None = None,
-             chunk: int = DEFAULT_PREFILL_CHUNK) -> Iterator[Step]:
-    """Yield generated tokens one by one as they are produced; the last Step carries the finish reason."""
+             chunk: int = DEFAULT_PREFILL_CHUNK, tokenizer=None, stop_strings=()) -> Iterator[Step]:
+    """Yield generated tokens one by one as they are produced; the last Step carries the finish reason.
+    With a tokenizer each Step carries its new text, and a stop string ends generation (its text dropped)."""
     check_prompt(model, ids)
     stats = stats if stats is not None else Stats()
     stats.prompt_tokens = len(ids)
@@ -101,6 +133,7 @@ def generate(model, ids: list[int], params: SamplingParams, stop_ids=(), stats: 
         stats.finish_reason = "length"
         return
     gen = params.generator()
+    text = TextStream(tokenizer, stop_strings) if tokenizer is not None else None
     t0 = time.perf_counter()
     logits = prefill(model, cache, ids, chunk)
     stats.prefill_s = time.perf_counter() - t0
@@ -110,8 +143,16 @@ def generate(model, ids: list[int], params: SamplingParams, stop_ids=(), stats: 
         stats.tokens.append(token)
         stats.generated_tokens += 1
         reason = should_stop(token, stats.generated_tokens, params, stop_ids)
+        new_text = ""
+        if text is not None:
+            new_text = text.push(token) if token not in stop_ids else ""
+            if text.stopped:
+                reason = "stop"
+            elif reason:
+                new_text += text.flush()
         stats.decode_s = time.perf_counter() - t0
-        yield Step(token, reason)
+        stats.text += new_text
+        yield Step(token, reason, new_text)
         if reason:
             stats.finish_reason = reason
             return

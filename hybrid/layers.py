@@ -8,8 +8,33 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from hybrid import fp8
 from hybrid.config import ModelConfig
 from hybrid.rope import apply_rope
+
+
+class Fp8Linear(nn.Module):
+    """A projection kept in the checkpoint's block-FP8 (half the bytes of bf16), dequantized at each use.
+    Same parameter names as the checkpoint: `weight` (float8_e4m3fn) and `weight_scale_inv` (float32)."""
+
+    def __init__(self, weight: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int]):
+        super().__init__()
+        self.weight = nn.Parameter(weight, requires_grad=False)
+        self.weight_scale_inv = nn.Parameter(scale_inv, requires_grad=False)
+        self.block = block
+
+    def dense_weight(self, dtype) -> torch.Tensor:
+        return fp8.dequantize(self.weight, self.weight_scale_inv, self.block, dtype)
+
+    def forward(self, x):
+        return F.linear(x, self.dense_weight(x.dtype))
+
+
+def dense_weight(linear: nn.Module, dtype) -> torch.Tensor:
+    """The [out, in] weight of an nn.Linear or Fp8Linear in `dtype`."""
+    if isinstance(linear, Fp8Linear):
+        return linear.dense_weight(dtype)
+    return linear.weight.to(dtype)
 
 
 class RMSNorm(nn.Module):
@@ -129,7 +154,7 @@ class Attention(nn.Module):
         if cache is not None:
             latent, k_pe = cache.update(self.layer, latent, k_pe)
 
-        w = self.kv_b_proj.weight.view(Hh, N + cfg.v_head_dim, R)
+        w = dense_weight(self.kv_b_proj, x.dtype).view(Hh, N + cfg.v_head_dim, R)
         q_lat = torch.einsum("bthn,hnr->bthr", q_nope, w[:, :N])  # absorb the key half of kv_b into q
         scores = torch.einsum("bthr,bsr->bths", q_lat, latent) + torch.einsum("bthp,bsp->bths", q_pe, k_pe)
         scores = (scores.float() * cfg.softmax_scale).masked_fill(mask[None, :, None, :], float("-inf"))

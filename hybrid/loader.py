@@ -1,8 +1,12 @@
-"""Build the model on the meta device and materialise every tensor from the checkpoint, by name.
+"""Build the model on the meta device and materialise every tensor where the plan puts it, by name.
 
-Today every tensor goes to one device in one dtype; the placement plan (a later stage) will say per tensor.
-The router's weight and correction bias stay in float32 whatever the dtype, as the reference keeps them,
-so expert choice does not depend on the activation dtype.
+Without a plan every tensor goes to one device in one dtype (the plain torch model, used by tests as the
+reference path). With a plan (placement.plan.Plan), per tensor: the first matching rule's device and format;
+routed experts whose kernel is `cpu_moe` become cpu_kernels.MoEExperts (from a converted expert store when
+given, else quantized from the checkpoint at load), wrapped in HybridExperts with any experts the plan puts
+on the GPU; `fp8` projections stay block-FP8 (Fp8Linear). A plan device "cuda:N" falls back to the CPU when
+this machine has no such GPU, so every plan runs here the way it would run there.
+The router's weight and correction bias stay float32 whatever the dtype, as the reference keeps them.
 """
 
 import torch
@@ -10,28 +14,129 @@ from torch import nn
 
 from hybrid import names
 from hybrid.checkpoint import Checkpoint
-from hybrid.errors import CheckpointError
+from hybrid.errors import CheckpointError, PlanError
+from hybrid.experts import HybridExperts
+from hybrid.layers import MLP, Fp8Linear, MoE
 from hybrid.model import DeepseekV3ForCausalLM
 
 FP32_ALWAYS = ("mlp.gate.weight", "e_score_correction_bias")
+TORCH_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
 
-def load_model(checkpoint, device="cpu", dtype=torch.float32, progress=None) -> DeepseekV3ForCausalLM:
-    """checkpoint: a Checkpoint or a folder. progress(done, total) is called after each tensor, if given."""
+def torch_device(name: str) -> torch.device:
+    """The torch device for a plan device name; cuda:N without that GPU here runs on the CPU."""
+    if name.startswith("cuda") and torch.cuda.is_available():
+        index = int(name.partition(":")[2] or 0)
+        if index < torch.cuda.device_count():
+            return torch.device(name)
+    return torch.device("cpu")
+
+
+def compute_dtype(plan, cfg) -> torch.dtype:
+    """fp32 only when the plan keeps the attention in fp32; bf16 otherwise (fp8 computes in bf16)."""
+    rule = plan.rule_for(f"{names.layer_prefix(0)}.self_attn.kv_a_proj_with_mqa.weight")
+    return torch.float32 if rule is not None and rule.format == "fp32" else torch.bfloat16
+
+
+def load_model(checkpoint, plan=None, store=None, dtype=torch.float32, progress=None) -> DeepseekV3ForCausalLM:
+    """checkpoint: a Checkpoint or a folder; plan: a placement Plan or None; store: a converted expert-store
+    folder for the cpu_moe experts (else they are quantized from the checkpoint). progress(done, total)."""
     ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else Checkpoint.open(checkpoint)
+    cfg = ckpt.config
     with torch.device("meta"):
-        model = DeepseekV3ForCausalLM(ckpt.config)
+        model = DeepseekV3ForCausalLM(cfg)
+    if plan is not None:
+        dtype = compute_dtype(plan, cfg)
+        _install_cpu_experts(model, ckpt, plan, store, dtype)
     params = dict(model.named_parameters())
-    missing = set(names.expected_tensors(ckpt.config)) ^ set(params)
-    if missing:  # the model and names.py disagree: a bug here, not in the user's files
-        raise RuntimeError(f"model parameters and names.expected_tensors differ: {sorted(missing)[:5]}")
+    unknown = set(params) - set(names.expected_tensors(cfg))
+    if unknown:  # the model and names.py disagree: a bug here, not in the user's files
+        raise RuntimeError(f"model parameters missing from names.expected_tensors: {sorted(unknown)[:5]}")
     for i, name in enumerate(params):
-        want = torch.float32 if name.endswith(FP32_ALWAYS) else dtype
-        tensor = ckpt.weight(name, want).to(device)
-        if not torch.isfinite(tensor).all():
-            raise CheckpointError(f"{ckpt.tensors[name].path}: tensor {name} holds NaN or inf values")
-        module_name, _, leaf = name.rpartition(".")
-        model.get_submodule(module_name)._parameters[leaf] = nn.Parameter(tensor, requires_grad=False)
+        rule = plan.rule_for(name) if plan is not None else None
+        device = torch_device(rule.device) if rule is not None else torch.device("cpu")
+        if rule is not None and rule.format == "fp8" and ckpt.is_fp8(name):
+            _install_fp8(model, ckpt, name, device)
+        else:
+            want = torch.float32 if name.endswith(FP32_ALWAYS) else dtype
+            _set_param(model, name, _checked(ckpt, name, ckpt.weight(name, want)).to(device))
         if progress is not None:
             progress(i + 1, len(params))
     return model.eval()
+
+
+def _checked(ckpt, name, tensor):
+    if tensor.is_floating_point() and not torch.isfinite(tensor.float()).all():
+        raise CheckpointError(f"{ckpt.tensors[name].path}: tensor {name} holds NaN or inf values")
+    return tensor
+
+
+def _set_param(model, name, tensor):
+    module_name, _, leaf = name.rpartition(".")
+    model.get_submodule(module_name)._parameters[leaf] = nn.Parameter(tensor, requires_grad=False)
+
+
+def _install_fp8(model, ckpt, name, device):
+    module_name = name.rpartition(".")[0]
+    parent_name, _, leaf = module_name.rpartition(".")
+    w = ckpt.raw(name).to(device)
+    s = ckpt.raw(names.scale_name(name)).float().to(device)
+    setattr(model.get_submodule(parent_name), leaf, Fp8Linear(w, s, ckpt.config.fp8_block))
+
+
+def _install_cpu_experts(model, ckpt, plan, store, dtype):
+    """Replace each MoE layer's TorchExperts by HybridExperts where the plan runs its experts on cpu_moe."""
+    from cpu_kernels import MoEExperts, parse_format
+
+    cfg = ckpt.config
+    store_layers = _store_layers(store) if store is not None else {}
+    for layer in cfg.moe_layers:
+        rules = {e: plan.rule_for(names.expert_key(layer, e, "up_proj")) for e in range(cfg.n_routed_experts)}
+        cpu_rules = [r for r in rules.values() if r is not None and r.kernel == "cpu_moe"]
+        if not cpu_rules:
+            continue
+        if len({r.format for r in cpu_rules}) > 1:
+            raise PlanError(f"{plan.source}: layer {layer} puts its CPU experts in several formats; one per layer")
+        rule = cpu_rules[0]
+        threads = int(rule.options.get("threads", plan.settings.cpu_threads))
+        fmt = parse_format(rule.format)
+        if layer in store_layers:
+            cpu = MoEExperts.from_store(store_layers[layer], n_threads=threads)
+            if cpu.fmt != fmt:
+                raise PlanError(f"{store_layers[layer]}: expert store holds {cpu.fmt}, the plan asks for {fmt}")
+        else:
+            cpu = MoEExperts(_quantized_layer(ckpt, layer, fmt), n_threads=threads)
+        with torch.device("meta"):
+            gpu = {e: MLP(cfg.hidden_size, cfg.moe_intermediate_size)
+                   for e, r in rules.items() if r is not None and r.kernel != "cpu_moe"}
+        moe: MoE = model.model.layers[layer].mlp
+        moe.experts = HybridExperts(cpu, cfg.n_routed_experts, gpu)
+
+
+def _quantized_layer(ckpt, layer, fmt):
+    """One layer's experts quantized into an in-memory expert store, one expert at a time (memory: the store
+    itself, never the layer in float): the no-conversion path straight from the checkpoint."""
+    import numpy as np
+    from cpu_kernels.formats import scale_shape, value_dtype_name, value_shape
+    from cpu_kernels.quantize import quantize_matrix
+    from cpu_kernels.store import PROJECTIONS, ExpertStore, projection_shape
+
+    cfg = ckpt.config
+    E, H, I = cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size
+    values, scales = {}, {}
+    for proj in PROJECTIONS:
+        n_out, n_in = projection_shape(proj, H, I)
+        values[proj] = np.empty((E,) + value_shape(fmt, n_out, n_in), value_dtype_name(fmt))
+        scales[proj] = np.zeros((E,) + scale_shape(fmt, n_out, n_in), np.float32)
+        for e in range(E):
+            v, sc = quantize_matrix(ckpt.weight(names.expert_key(layer, e, proj), torch.float32).numpy(), fmt)
+            values[proj][e] = v
+            if fmt.quantized:
+                scales[proj][e] = sc
+    return ExpertStore(fmt, E, H, I, values, scales)
+
+
+def _store_layers(store) -> dict:
+    from hybrid.convert import open_store_layers
+
+    return open_store_layers(store)

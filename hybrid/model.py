@@ -58,10 +58,12 @@ class DeepseekV3ForCausalLM(nn.Module):
         if cache is not None:
             cache.check_room(T)
             start = cache.length
-        x = self.model.embed_tokens(ids)
-        positions = torch.arange(start, start + T, device=ids.device)
+        embed, main = self.model.embed_tokens.weight.device, self.model.norm.weight.device
+        # A plan may keep the embedding table on the CPU: one row per token is all that crosses.
+        x = self.model.embed_tokens(ids.to(embed)).to(main)
+        positions = torch.arange(start, start + T, device=main)
         cos, sin = self.rope.cos_sin(positions, x.dtype)
-        mask = torch.arange(start + T, device=ids.device)[None, :] > positions[:, None]  # [T, S] causal
+        mask = torch.arange(start + T, device=main)[None, :] > positions[:, None]  # [T, S] causal
         for layer in self.model.layers:
             x = layer(x, cos, sin, mask, cache)
         if cache is not None:
@@ -70,4 +72,4 @@ class DeepseekV3ForCausalLM(nn.Module):
             x = x[:, -1:]
         x = self.model.norm(x)
         head = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return torch.nn.functional.linear(x, head).float()
+        return torch.nn.functional.linear(x, head.to(x.device)).float()

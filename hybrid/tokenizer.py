@@ -53,6 +53,9 @@ class Tokenizer:
     def decode(self, ids) -> str:
         return self.encoding.decode(list(ids), errors="replace")
 
+    def token_bytes(self, token: int) -> bytes:
+        return self.encoding.decode_single_token_bytes(token)
+
     def token_id(self, text: str) -> int | None:
         return self.special.get(text)
 
