@@ -122,13 +122,23 @@ def _convert_layer(ckpt: Checkpoint, layer: int, fmt: Format, directory: Path, d
     cfg = ckpt.config
     writer = LayerStoreWriter(directory, fmt, cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size)
     for e in range(cfg.n_routed_experts):
-        gate, up, down = (_expert_matrix(ckpt, names.expert_key(layer, e, p)) for p in names.EXPERT_PROJS)
-        writer.write_expert(e, gate, up, down)
+        writer.write_expert(e, *_read_expert(ckpt, layer, e))
         done += _expert_source_bytes(ckpt, layer, e)
         if progress is not None:
             progress(done, total)
     writer.close()
     return done
+
+
+def _read_expert(ckpt: Checkpoint, layer: int, e: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """gate, up [I, H] and down [H, I] of expert `e`, through a reader opened for this expert alone.
+
+    safetensors maps a whole shard, and the pages a read touched count in RSS until the map closes: through one
+    long-lived reader a K2 layer's 17 GB shard would join the RSS. A fresh reader (sharing the validated tensor
+    table; it parses one shard header, ~ms) closes its maps when it goes, keeping the source's share to one expert.
+    """
+    reader = Checkpoint(ckpt.folder, ckpt.config, ckpt.tensors)
+    return tuple(_expert_matrix(reader, names.expert_key(layer, e, p)) for p in names.EXPERT_PROJS)
 
 
 def _expert_matrix(ckpt: Checkpoint, name: str) -> np.ndarray:

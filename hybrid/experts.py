@@ -97,7 +97,7 @@ class HybridExperts(nn.Module):
             ids_c = torch.where(gpu_pairs, some_cpu, ids_c)
             w_c = torch.where(gpu_pairs, 0.0, w_c)
         self._x = self.host.to_host(hidden)
-        self._ids, self._w = ids_c.numpy(), w_c.numpy()
+        self._ids, self._w = ids_c.contiguous().numpy(), w_c.contiguous().numpy()
         self.cpu.submit(self._x, self._ids, self._w)
 
     def _run_gpu(self, hidden, ids, weights, mask):

@@ -102,8 +102,26 @@ class Router(nn.Module):
         return grouped.masked_fill(mask[..., None], float("-inf")).view_as(choice)
 
 
+class Deferred:
+    """Routed-expert work one MoE layer hands to the next (expert deferral): its result joins the residual
+    stream one layer late, so the CPU keeps computing while the GPU runs the next layer's attention."""
+
+    def __init__(self):
+        self._experts = None
+
+    def put(self, experts):
+        self._experts = experts
+
+    def take(self):
+        experts, self._experts = self._experts, None
+        return None if experts is None else experts.wait()
+
+
 class MoE(nn.Module):
-    """Router, routed experts (any object with submit/wait) and the shared expert, summed."""
+    """Router, routed experts (any object with submit/wait) and the shared expert, summed.
+
+    With `n_defer` > 0 (a plan option, off by default) each token's n_defer lowest-weight experts are computed
+    after this layer returns and added at the next MoE layer's output (`carry`, shared by the model)."""
 
     def __init__(self, cfg: ModelConfig, experts):
         super().__init__()
@@ -111,15 +129,26 @@ class MoE(nn.Module):
         self.experts = experts
         width = cfg.moe_intermediate_size * cfg.n_shared_experts
         self.shared_experts = MLP(cfg.hidden_size, width) if cfg.n_shared_experts else None
+        self.n_defer, self.carry = 0, None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, x.shape[-1])
         weights, ids = self.gate(flat)
-        self.experts.submit(flat, ids, weights)
+        now = ids.shape[1] - self.n_defer
+        if self.n_defer:  # strongest experts first: the weakest are the ones deferred
+            order = weights.argsort(dim=-1, descending=True)
+            ids, weights = ids.gather(1, order), weights.gather(1, order)
+        self.experts.submit(flat, ids[:, :now], weights[:, :now])
         # The shared expert runs while the routed experts compute (on the CPU, when they live there).
         shared = self.shared_experts(flat) if self.shared_experts is not None else 0
-        routed = self.experts.wait()
-        return (routed.to(flat.dtype) + shared).view_as(x)
+        out = self.experts.wait().to(flat.dtype) + shared
+        if self.carry is not None:
+            late = self.carry.take()
+            out = out if late is None else out + late.to(flat.dtype)
+            if self.n_defer:
+                self.experts.submit(flat, ids[:, now:], weights[:, now:])
+                self.carry.put(self.experts)
+        return out.view_as(x)
 
 
 class Attention(nn.Module):

@@ -62,6 +62,8 @@ def load_model(checkpoint, plan=None, store=None, dtype=torch.float32, progress=
             _set_param(model, name, _checked(ckpt, name, ckpt.weight(name, want)).to(device))
         if progress is not None:
             progress(i + 1, len(params))
+    if plan is not None:
+        model.set_deferral(plan.settings.defer_experts)
     return model.eval()
 
 

@@ -9,7 +9,7 @@ from torch import nn
 
 from hybrid.config import ModelConfig
 from hybrid.experts import TorchExperts
-from hybrid.layers import MLP, Attention, MoE, RMSNorm
+from hybrid.layers import MLP, Attention, Deferred, MoE, RMSNorm
 from hybrid.rope import Rope
 
 
@@ -45,6 +45,16 @@ class DeepseekV3ForCausalLM(nn.Module):
         self.model = DeepseekV3Model(cfg)
         self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.rope = Rope(cfg)
+        self.deferred = None
+
+    def set_deferral(self, n_defer: int):
+        """Defer each token's n_defer weakest routed experts by one layer (0: off, the exact model)."""
+        if not 0 <= n_defer < self.config.num_experts_per_tok:
+            raise ValueError(f"n_defer must be in [0, {self.config.num_experts_per_tok}), got {n_defer}")
+        self.deferred = Deferred() if n_defer else None
+        for layer in self.model.layers:
+            if isinstance(layer.mlp, MoE):
+                layer.mlp.n_defer, layer.mlp.carry = n_defer, self.deferred
 
     @torch.inference_mode()
     def forward(self, ids: torch.Tensor, cache=None, last_only: bool = False) -> torch.Tensor:
@@ -66,6 +76,9 @@ class DeepseekV3ForCausalLM(nn.Module):
         mask = torch.arange(start + T, device=main)[None, :] > positions[:, None]  # [T, S] causal
         for layer in self.model.layers:
             x = layer(x, cos, sin, mask, cache)
+        late = self.deferred.take() if self.deferred is not None else None
+        if late is not None:  # the last MoE layer's deferred experts
+            x = x + late.view_as(x).to(x.dtype)
         if cache is not None:
             cache.advance(T)
         if last_only:

@@ -49,6 +49,7 @@ class Settings:
     prefill_chunk: int = 512
     numa_split: bool = False
     expert_backing: str = "ram"
+    defer_experts: int = 0  # each token's weakest routed experts computed one layer late (0: off)
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,7 @@
       prefill_chunk: 64                 # prompt tokens per forward (bounds the attention workspace)
       numa_split: false                 # split each expert's width across NUMA nodes
       expert_backing: ram               # ram, or disk: experts beyond RAM stay memory-mapped on disk
+      defer_experts: 0                  # each token's N weakest routed experts join one layer late (0: off)
     rules:                              # first match wins; regex over checkpoint tensor names
       - match: '^model\\.layers\\.(3|4)\\.mlp\\.experts\\.'
         device: cuda:0
@@ -111,8 +112,9 @@ def _settings(node, path) -> Settings:
                 raise PlanError(f"{at}: {key} must be a name, got {v!r}")
             if key == "expert_backing" and v not in BACKINGS:
                 raise PlanError(f"{at}: expert_backing must be one of {', '.join(BACKINGS)}, got {v!r}")
-        elif isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise PlanError(f"{at}: {key} must be a positive integer, got {v!r}")
+        elif isinstance(v, bool) or not isinstance(v, int) or v < (0 if key == "defer_experts" else 1):
+            raise PlanError(f"{at}: {key} must be a {'non-negative' if key == 'defer_experts' else 'positive'} "
+                            f"integer, got {v!r}")
         values[key] = v
     return Settings(**values)
 

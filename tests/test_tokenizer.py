@@ -29,3 +29,27 @@ def test_round_trip(k2, text):
 
 def test_no_tokenizer_is_none(tmp_path):
     assert Tokenizer.from_folder(tmp_path) is None
+
+
+def test_stream_never_splits_a_character(k2):
+    from hybrid.streaming import TextStream
+
+    text = "机器学习 🚀🔥 ünïcödé"
+    ids = k2.encode(text)
+    assert any(len(k2.token_bytes(i).decode("utf-8", errors="ignore")) == 0 for i in ids)  # split characters exist
+    stream = TextStream(k2)
+    pieces = [stream.push(i) for i in ids] + [stream.flush()]
+    assert "".join(pieces) == text and "\ufffd" not in "".join(pieces)
+
+
+def test_stream_holds_back_a_stop_string_across_tokens(k2):
+    from hybrid.streaming import TextStream
+
+    ids = k2.encode("alpha beta<STOP>gamma")
+    stream = TextStream(k2, stop_strings=["<STOP>"])
+    out = ""
+    for i in ids:
+        out += stream.push(i)
+        if stream.stopped:
+            break
+    assert stream.stopped and out == "alpha beta" and stream.flush() == ""
