@@ -43,14 +43,17 @@ def cli():
 @click.option("--seed", default=0, show_default=True)
 @click.option("--tokenizer-from", type=click.Path(exists=True, file_okay=False),
               help="Folder with K2's tiktoken.model and tokenizer_config.json (vocab becomes K2's 163840).")
+@click.option("--shape", type=click.Choice(["tiny", "kimi-k2"]), default="tiny", show_default=True,
+              help="kimi-k2: K2's true widths (hidden 7168, 64 heads, experts 2048 wide); --hidden is ignored.")
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
 def make_tiny_cmd(out, fp8, layers, dense_layers, experts, top_k, hidden, n_group, topk_group, seed,
-                  tokenizer_from, overwrite):
+                  tokenizer_from, shape, overwrite):
     """Write a random-weight checkpoint in Kimi-K2-Instruct-0905's exact on-disk layout."""
-    from hybrid.tiny import TinySpec, make_tiny
+    from hybrid.tiny import K2_WIDTHS, TinySpec, make_tiny
 
-    spec = TinySpec(layers=layers, dense_layers=dense_layers, experts=experts, top_k=top_k, hidden=hidden,
-                    n_group=n_group, topk_group=topk_group, seed=seed, fp8=fp8, tokenizer_from=tokenizer_from)
+    widths = K2_WIDTHS if shape == "kimi-k2" else {"hidden": hidden}
+    spec = TinySpec(layers=layers, dense_layers=dense_layers, experts=experts, top_k=top_k, n_group=n_group,
+                    topk_group=topk_group, seed=seed, fp8=fp8, tokenizer_from=tokenizer_from, **widths)
     path = make_tiny(out, spec, overwrite=overwrite)
     err.print(f"wrote {path} ({'block-FP8' if fp8 else 'bf16'}, {layers} layers, {experts} experts, top-{top_k})")
 

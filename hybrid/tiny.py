@@ -66,6 +66,12 @@ class TinySpec:
     tokenizer_from: str | None = None  # a folder with K2's tiktoken.model + tokenizer_config.json
 
 
+# K2's true widths: a model of this shape with few layers and experts measures per-layer costs at full size.
+K2_WIDTHS = dict(hidden=7168, heads=64, q_lora_rank=1536, kv_lora_rank=512, qk_nope_head_dim=128,
+                 qk_rope_head_dim=64, v_head_dim=128, moe_width=2048, dense_width=18432,
+                 max_position_embeddings=262144, original_max_position_embeddings=4096, yarn_factor=64.0)
+
+
 def config_dict(spec: TinySpec, vocab: int, bos: int, eos: int) -> dict:
     """A config.json with K2's keys in K2's order, scaled down to `spec`."""
     cfg = {

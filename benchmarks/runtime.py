@@ -1,0 +1,141 @@
+"""The hybrid runtime at Kimi-K2's true widths, CPU-only: measured decode and prefill tokens/s next to the
+planner's projection for the same model and machine, one MoE layer's CPU/shared-expert overlap, and expert
+deferral's effect on decode time.
+
+    python benchmarks/runtime.py [--work /tmp/hybrid-k2w] [--experts 32] [--json out.json]
+
+The model: `hybrid make-tiny --shape kimi-k2` (hidden 7168, 64 heads, experts 2048 wide, top-8) with one dense
+and two MoE layers, converted to an int4 expert store. The projection uses the RAM read bandwidth measured in
+the same run (cpu_kernels.bench's probe), so both columns describe this machine now.
+"""
+
+import argparse
+import json
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from cpu_kernels.bench import read_bandwidth_gbps
+from cpu_kernels.threads import physical_cores
+from hybrid.checkpoint import Checkpoint
+from hybrid.convert import convert
+from hybrid.generate import new_cache
+from hybrid.loader import load_model
+from hybrid.tiny import K2_WIDTHS, TinySpec, make_tiny
+from placement.hardware import detect
+from placement.planner import PlanRequest, make_plan
+
+
+def best_of(fn, repeats=3):
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return min(times)
+
+
+def decode_tps(model, n_prompt=16, n_decode=16):
+    ids = torch.arange(1, n_prompt + 1)[None]
+
+    def run():
+        cache = new_cache(model, n_prompt + n_decode)
+        model(ids, cache=cache, last_only=True)
+        t0 = time.perf_counter()
+        for t in range(n_decode):
+            model(torch.tensor([[t + 1]]), cache=cache)
+        run.s = time.perf_counter() - t0
+
+    best = float("inf")
+    for _ in range(2):
+        run()
+        best = min(best, run.s)
+    return n_decode / best
+
+
+def prefill_tps(model, n, chunk):
+    ids = torch.arange(n)[None] % 256
+
+    def run():
+        cache = new_cache(model, n)
+        for s in range(0, n, chunk):
+            model(ids[:, s:s + chunk], cache=cache, last_only=True)
+
+    return n / best_of(run, 2)
+
+
+def overlap(model, layer=1):
+    """One MoE layer at T=1: routed experts alone, shared expert alone, and the whole block (routed on the
+    CPU kernel threads while torch runs the shared expert)."""
+    moe = model.model.layers[layer].mlp
+    x = torch.randn(1, 1, model.config.hidden_size, dtype=torch.bfloat16)
+    flat = x.view(1, -1)
+    w, ids = moe.gate(flat)
+    routed = best_of(lambda: moe.experts.forward(flat, ids, w), 5)
+    shared = best_of(lambda: moe.shared_experts(flat), 5)
+    whole = best_of(lambda: moe(x), 5)
+    return {"routed_ms": 1e3 * routed, "shared_ms": 1e3 * shared, "block_ms": 1e3 * whole,
+            "sum_ms": 1e3 * (routed + shared), "overlap_saved_ms": 1e3 * (routed + shared - whole)}
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--work", default="/tmp/hybrid-k2w")
+    ap.add_argument("--experts", type=int, default=32)
+    ap.add_argument("--json")
+    args = ap.parse_args(argv)
+    work = Path(args.work)
+    ckpt_dir, store_dir = work / "ckpt", work / "store-int4"
+    if not (ckpt_dir / "config.json").exists():
+        make_tiny(ckpt_dir, TinySpec(layers=3, dense_layers=1, experts=args.experts, top_k=8, seed=0,
+                                     **K2_WIDTHS), overwrite=True)
+    convert(ckpt_dir, store_dir, "int4")
+    threads = physical_cores()
+    torch.set_num_threads(threads)
+    bw = read_bandwidth_gbps(threads)
+    cfg = Checkpoint.open(ckpt_dir).config
+    hw = replace(detect(), ram_bandwidth_gbps=bw, notes=())
+    result = make_plan(cfg, str(ckpt_dir), hw, PlanRequest(context_length=1024, expert_format="int4"))
+    plan = result.plan
+    rows = {}
+    for defer in (0, 1):
+        p = replace(plan, settings=replace(plan.settings, defer_experts=defer))
+        model = load_model(ckpt_dir, plan=p, store=store_dir)
+        rows[defer] = {"decode_tps": decode_tps(model)}
+        if defer == 0:
+            rows[0]["prefill_tps_128"] = prefill_tps(model, 128, 128)
+            rows[0]["overlap"] = overlap(model)
+        del model
+    proj = result.projection
+    out = {"read_bandwidth_gbps": bw, "threads": threads, "experts": args.experts,
+           "measured": rows[0], "deferral_decode_tps": rows[1]["decode_tps"],
+           "projected": {"decode_tps": proj.decode_tps, "prefill_tps": proj.prefill_tps,
+                         "decode_ms": proj.decode_ms, "prefill_chunk": plan.settings.prefill_chunk}}
+    report(out)
+    if args.json:
+        Path(args.json).write_text(json.dumps(out, indent=2))
+    return out
+
+
+def report(out):
+    t = Table(title=f"K2-width runtime, CPU-only, {out['threads']} threads, read bandwidth "
+                    f"{out['read_bandwidth_gbps']:.1f} GB/s")
+    for col in ("metric", "measured", "projected", "measured / projected"):
+        t.add_column(col)
+    m, p = out["measured"], out["projected"]
+    t.add_row("decode tok/s", f"{m['decode_tps']:.2f}", f"{p['decode_tps']:.2f}", f"{m['decode_tps'] / p['decode_tps']:.2f}")
+    t.add_row("prefill tok/s (128)", f"{m['prefill_tps_128']:.2f}", f"{p['prefill_tps']:.2f}",
+              f"{m['prefill_tps_128'] / p['prefill_tps']:.2f}")
+    t.add_row("decode tok/s, 1 expert deferred", f"{out['deferral_decode_tps']:.2f}", "", "")
+    o = m["overlap"]
+    t.add_row("MoE block ms (routed | shared | both)",
+              f"{o['routed_ms']:.1f} | {o['shared_ms']:.1f} | {o['block_ms']:.1f}", "", "")
+    Console().print(t)
+
+
+if __name__ == "__main__":
+    main()
