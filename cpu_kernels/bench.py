@@ -225,7 +225,10 @@ def print_report(result: dict) -> None:
 
     console = Console(width=150)
     probe = result["probe_gbps"]
-    console.print(f"read bandwidth probe: " + ", ".join(f"{t} thr {g:.1f} GB/s" for t, g in probe.items())
+    m = result["machine"]
+    console.print(f"{m['cpu']}, {m['physical_cores']} cores, {m['ram_gib']} GiB; load average before/after "
+                  f"{m['loadavg_1min']:.2f}/{result['loadavg_1min_after']:.2f} (> 0.5 means others shared the cores)")
+    console.print("read bandwidth probe: " + ", ".join(f"{t} thr {g:.1f} GB/s" for t, g in probe.items())
                   + f"; warm start {result['warm_start_s']:.2f} s")
     table = Table(title=f"routed experts, H={H} I={I} K={K}, {result['experts']} experts")
     for col in ("impl", "format", "thr", "decode tok/s", "GB/s", "% probe", *(f"pf{t} tok/s" for t in result["prefill_tokens"]),
@@ -250,6 +253,15 @@ def print_report(result: dict) -> None:
     console.print(goals)
 
 
+def machine() -> dict:
+    """What the numbers were measured on: CPU model, physical cores, RAM, and the load average (shared machines)."""
+    model = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "?")
+    ram_kb = next((int(line.split()[1]) for line in open("/proc/meminfo") if line.startswith("MemTotal")), 0)
+    flags = open("/proc/cpuinfo").read()
+    return {"cpu": model, "physical_cores": physical_cores(), "ram_gib": round(ram_kb / 2**20, 1),
+            "avx512": "avx512f" in flags, "loadavg_1min": os.getloadavg()[0]}
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="python -m cpu_kernels.bench", description=__doc__.split("\n\n")[0])
     p.add_argument("--threads", type=int, default=physical_cores(), help="kernel threads (default: physical cores)")
@@ -267,7 +279,7 @@ def main(argv=None) -> dict:
     n_experts = 16 if args.quick else args.experts
     prefill_tokens = PREFILL_TOKENS[:2] if args.quick else PREFILL_TOKENS
     thread_counts = sorted({1, args.threads})
-    result = {"experts": n_experts, "threads": args.threads, "prefill_tokens": list(prefill_tokens),
+    result = {"machine": machine(), "experts": n_experts, "threads": args.threads, "prefill_tokens": list(prefill_tokens),
               "probe_gbps": {str(t): read_bandwidth_gbps(t) for t in thread_counts}, "rows": []}
     for text in args.formats.split(","):
         result["rows"] += bench_format(parse_format(text.strip()), n_experts, thread_counts, prefill_tokens)
@@ -280,6 +292,7 @@ def main(argv=None) -> dict:
         for method in ("AMXINT8", "AMXINT4"):
             result["rows"].append(kt_row(args.kt_python, method, max(K, n_experts // 2), args.threads, n_experts))
     result["warm_start_s"] = warm_start_seconds()
+    result["loadavg_1min_after"] = os.getloadavg()[0]
     result["targets"] = [dict(zip(("target", "measured", "wanted", "met"), t)) for t in targets(result)]
     print_report(result)
     if args.json:
