@@ -135,6 +135,29 @@ def plan(model, output, hardware, check_file, from_ktransformers, as_json, **fla
         err.print(f"wrote {output}")
 
 
+@cli.command()
+@click.argument("checkpoint", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.argument("out", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--experts", "fmt", default="int4", show_default=True, help="int4, int8 or bf16.")
+@click.option("--group", type=click.Choice(["32", "64", "128"]), help="Input channels per scale (int4/int8).")
+@click.option("--verify", is_flag=True, help="Only recompute and check every checksum of OUT.")
+def convert(checkpoint, out, fmt, group, verify):
+    """Stream CHECKPOINT's routed experts into an expert store at OUT (resumable; rerun to continue)."""
+    from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn, TransferSpeedColumn
+
+    from hybrid.convert import convert as run, verify_store
+
+    if verify:
+        err.print(f"{verify_store(out) / 1e9:.2f} GB verified in {out}")
+        return
+    fmt = f"{fmt}-g{group}" if group else fmt
+    columns = ("{task.description}", BarColumn(), DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn())
+    with Progress(*columns, console=err) as bar:
+        task = bar.add_task(f"experts -> {fmt}", total=None)
+        run(checkpoint, out, fmt, progress=lambda done, total: bar.update(task, completed=done, total=total))
+    err.print(f"wrote {out}")
+
+
 def parse_prompt(prompt, prompt_ids, tokenizer) -> list[int]:
     if (prompt is None) == (prompt_ids is None):
         raise click.UsageError("give exactly one of --prompt and --prompt-ids")
