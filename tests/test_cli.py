@@ -57,3 +57,17 @@ def test_usage_errors_are_one_line(k2_tiny):
 def test_make_tiny_refuses_to_overwrite(k2_tiny):
     r = run("make-tiny", k2_tiny)
     assert r.returncode == 2 and "not empty" in r.stderr
+
+
+def test_plan_convert_generate(k2_tiny, tmp_path):
+    plan, store = tmp_path / "plan.yaml", tmp_path / "store"
+    r = run("plan", k2_tiny, "--gpu", "none", "--ram", "16GB", "--experts", "int8", "-o", plan)
+    assert r.returncode == 0, r.stderr
+    r = run("convert", k2_tiny, store, "--experts", "int8")
+    assert r.returncode == 0 and (store / "hybrid_store.json").is_file(), r.stderr
+    r = run("generate", k2_tiny, "--plan", plan, "--store", store, "--prompt-ids", "1,2,3", "--max-new-tokens", 4,
+            "--temperature", 0, "--json")
+    assert r.returncode == 0, r.stderr
+    assert len(json.loads(r.stdout)["generated_ids"]) == 4
+    r = run("generate", k2_tiny, "--plan", plan, "--store", tmp_path, "--prompt-ids", "1", "--max-new-tokens", 1)
+    assert r.returncode == 2 and "Traceback" not in r.stderr

@@ -130,3 +130,29 @@ def test_stop_strings_end_generation_and_are_dropped(k2_tiny, reference):
     steps = list(generate(reference, ids, SamplingParams(max_new_tokens=24), tokenizer=tok, stop_strings=[stop],
                           stats=stats))
     assert steps[-1].finish_reason == "stop" and stats.text == text[:text.index(stop)]
+
+
+def test_converted_store_equals_quantizing_at_load(k2_tiny, tmp_path):
+    from hybrid.convert import convert
+
+    store = convert(k2_tiny, tmp_path / "store", "int8")
+    from_store = load_model(k2_tiny, plan=cpu_experts("int8"), store=store)
+    at_load = load_model(k2_tiny, plan=cpu_experts("int8"))
+    ids = prompt(seed=4)
+    assert torch.equal(from_store(ids), at_load(ids))
+    from hybrid.errors import PlanError
+
+    with pytest.raises(PlanError, match="expert store holds int8-g128, the plan asks for int4"):
+        load_model(k2_tiny, plan=cpu_experts("int4"), store=store)
+
+
+@pytest.mark.gpu
+def test_cuda_path_matches_cpu_path(k2_tiny):
+    """On a machine with a GPU: the same plan on cuda:0 and on the CPU give the same logits within bf16."""
+    gpu_plan = plan((EXPERTS, "cpu", "bf16", "cpu_moe"), (r"^model\.embed_tokens\.", "cpu", "bf16", "torch"),
+                    (".*", "cuda:0", "bf16", "torch"))
+    cpu_plan = plan((EXPERTS, "cpu", "bf16", "cpu_moe"), (".*", "cpu", "bf16", "torch"))
+    on_gpu, on_cpu = load_model(k2_tiny, plan=gpu_plan), load_model(k2_tiny, plan=cpu_plan)
+    assert on_gpu.model.norm.weight.device.type == "cuda"
+    ids = prompt(seed=5)
+    assert rel_err(on_gpu(ids).cpu(), on_cpu(ids)) < 0.03
