@@ -57,6 +57,7 @@ import numpy as np
 import torch
 
 from cpu_kernels.formats import Format, check_matrix, parse_format
+from cpu_kernels.quantize import FP8_BLOCK, dequantize_fp8, f32_to_bf16
 from cpu_kernels.store import MANIFEST as LAYER_MANIFEST
 from cpu_kernels.store import LayerStoreWriter
 from hybrid import names
@@ -142,8 +143,17 @@ def _read_expert(ckpt: Checkpoint, layer: int, e: int) -> tuple[np.ndarray, np.n
 
 
 def _expert_matrix(ckpt: Checkpoint, name: str) -> np.ndarray:
-    """One projection as numpy: bf16 bits (uint16) when bf16 holds it exactly, else float32."""
-    if ckpt.tensors[name].dtype in _EXACT_IN_BF16:
+    """One projection as numpy: bf16 bits (uint16) for BF16 and block-FP8 tensors, float32 for F16 and F32.
+
+    Block-FP8 is dequantized by numpy (fp8 value x block scale in float32, rounded to nearest-even bf16): the
+    same arithmetic as Checkpoint.weight, bit for bit (the test checks it), but no torch operator. Torch's
+    intra-op thread pool made each small operator ~10x slower here whenever another process held a core.
+    """
+    dtype = ckpt.tensors[name].dtype
+    if dtype == "F8_E4M3" and ckpt.config.fp8_block == (FP8_BLOCK, FP8_BLOCK):
+        scale = ckpt.weight(names.scale_name(name), torch.float32).numpy()
+        return f32_to_bf16(dequantize_fp8(ckpt.raw(name).view(torch.uint8).numpy(), scale))
+    if dtype in _EXACT_IN_BF16:
         return ckpt.weight(name, torch.bfloat16).contiguous().view(torch.int16).numpy().view(np.uint16)
     return ckpt.weight(name, torch.float32).contiguous().numpy()
 

@@ -57,7 +57,9 @@ class HostCopy:
             self._pinned = torch.empty(n, dtype=torch.float32, pin_memory=True)
         staged = self._pinned[:n].view(t.shape)
         staged.copy_(t.detach())
-        return staged.numpy().copy()  # the next layer reuses the pinned buffer while this one still runs
+        # Safe to hand out without a copy: each layer's HybridExperts owns its buffer, and only its own next
+        # submit (after wait) writes it again.
+        return staged.numpy()
 
     @staticmethod
     def to_device(a: np.ndarray, like: torch.Tensor) -> torch.Tensor:

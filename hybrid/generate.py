@@ -40,16 +40,21 @@ def device_of(model) -> torch.device:
 
 
 def new_cache(model, n_positions: int, batch: int = 1) -> MLACache:
+    """A cache for n_positions on the device that runs attention, in the activations' dtype."""
     cfg = model.config
-    if n_positions > cfg.max_position_embeddings:
-        raise GenerationError(f"context overflow: {n_positions} positions requested, the model's context is "
-                              f"{cfg.max_position_embeddings} (max_position_embeddings)")
-    w = model.model.embed_tokens.weight
-    return MLACache(cfg, n_positions, batch, device=w.device, dtype=w.dtype)
+    limit, why = cfg.max_position_embeddings, "max_position_embeddings"
+    if model.max_context is not None and model.max_context < limit:
+        limit, why = model.max_context, "the plan's context_length"
+    if n_positions > limit:
+        raise GenerationError(f"context overflow: {n_positions} positions requested, the limit is {limit} ({why})")
+    w = model.model.norm.weight
+    return MLACache(cfg, n_positions, batch, device=w.device, dtype=model.model.embed_tokens.weight.dtype)
 
 
-def prefill(model, cache: MLACache, ids: list[int], chunk: int = DEFAULT_PREFILL_CHUNK) -> torch.Tensor:
-    """Feed the prompt in chunks; returns the last position's logits [vocab] float32."""
+def prefill(model, cache: MLACache, ids: list[int], chunk: int | None = None) -> torch.Tensor:
+    """Feed the prompt in chunks (default: the plan's prefill_chunk); returns the last position's logits
+    [vocab] float32."""
+    chunk = chunk or model.prefill_chunk or DEFAULT_PREFILL_CHUNK
     if not ids:
         raise GenerationError("empty prompt: give at least one token")
     x = torch.tensor([ids], dtype=torch.long, device=device_of(model))
@@ -122,7 +127,7 @@ def check_prompt(model, ids: list[int]):
 
 
 def generate(model, ids: list[int], params: SamplingParams, stop_ids=(), stats: Stats | None = None,
-             chunk: int = DEFAULT_PREFILL_CHUNK, tokenizer=None, stop_strings=()) -> Iterator[Step]:
+             chunk: int | None = None, tokenizer=None, stop_strings=()) -> Iterator[Step]:
     """Yield generated tokens one by one as they are produced; the last Step carries the finish reason.
     With a tokenizer each Step carries its new text, and a stop string ends generation (its text dropped)."""
     check_prompt(model, ids)

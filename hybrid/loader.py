@@ -64,6 +64,8 @@ def load_model(checkpoint, plan=None, store=None, dtype=torch.float32, progress=
             progress(i + 1, len(params))
     if plan is not None:
         model.set_deferral(plan.settings.defer_experts)
+        model.prefill_chunk = plan.settings.prefill_chunk
+        model.max_context = plan.settings.context_length
     return model.eval()
 
 

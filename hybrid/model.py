@@ -46,6 +46,8 @@ class DeepseekV3ForCausalLM(nn.Module):
         self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.rope = Rope(cfg)
         self.deferred = None
+        self.prefill_chunk = None  # tokens per prefill forward, from the plan (None: generate's default)
+        self.max_context = None  # positions the plan reserved cache memory for (None: the model's own limit)
 
     def set_deferral(self, n_defer: int):
         """Defer each token's n_defer weakest routed experts by one layer (0: off, the exact model)."""

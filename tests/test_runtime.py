@@ -156,3 +156,19 @@ def test_cuda_path_matches_cpu_path(k2_tiny):
     assert on_gpu.model.norm.weight.device.type == "cuda"
     ids = prompt(seed=5)
     assert rel_err(on_gpu(ids).cpu(), on_cpu(ids)) < 0.03
+
+
+def test_the_plans_context_and_chunk_are_obeyed(k2_tiny):
+    from hybrid.errors import GenerationError
+
+    p = Plan("test", Settings(cpu_threads=2, context_length=64, prefill_chunk=16),
+             (Rule(EXPERTS, "cpu", "bf16", "cpu_moe"), Rule(".*", "cuda:0", "fp32", "torch")))
+    model = load_model(k2_tiny, plan=p)
+    assert (model.prefill_chunk, model.max_context) == (16, 64)
+    with pytest.raises(GenerationError, match="plan's context_length"):
+        list(generate(model, list(range(60)), SamplingParams(max_new_tokens=10)))
+    calls = []
+    hook = model.model.layers[0].register_forward_hook(lambda m, i, o: calls.append(o.shape[1]))
+    list(generate(model, list(range(40)), SamplingParams(max_new_tokens=1)))
+    hook.remove()
+    assert calls == [16, 16, 8]
