@@ -72,6 +72,7 @@ from hybrid.errors import CheckpointError, ConfigError
 
 STORE_MANIFEST = "hybrid_store.json"
 STORE_FORMAT_VERSION = 1
+_TMP_MANIFEST = STORE_MANIFEST + ".tmp"  # a kill during the first manifest write leaves only this behind
 FINGERPRINT_BYTES = 1 << 20  # 1 MiB per shard: 62 MiB for K2, read in well under a second
 HASH_CHUNK_BYTES = 1 << 20  # read size while checksumming: page-cache reads, no RSS growth
 # Dtypes a bf16 array holds exactly; others (F16, F32) go through float32 so no precision is lost.
@@ -215,7 +216,7 @@ def _open_or_start(out: Path, identity: dict) -> dict:
                               f"convert into another folder, or delete this one to replace it")
         manifest["source"]["checkpoint"] = identity["source"]["checkpoint"]
         return manifest
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+    if out.exists() and (not out.is_dir() or any(p.name != _TMP_MANIFEST for p in out.iterdir())):
         raise ConfigError(f"{out}: exists and is not an empty folder, and holds no {STORE_MANIFEST}; "
                           f"refusing to convert into it")
     out.mkdir(parents=True, exist_ok=True)
@@ -275,7 +276,7 @@ def _sha256(path: Path) -> str:
 
 def _write_json(path: Path, data: dict) -> None:
     """Write to a temporary name, flush it to disk, then rename: a crash leaves the old file or the new one."""
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(path.name + ".tmp")  # _TMP_MANIFEST for the store manifest
     with open(tmp, "w") as f:
         f.write(json.dumps(data, indent=1, sort_keys=True) + "\n")
         f.flush()
@@ -308,15 +309,23 @@ def read_store_manifest(out_folder) -> dict:
     return manifest
 
 
-def open_store_layers(out_folder) -> dict[int, Path]:
+def open_store_layers(out_folder, checkpoint: Checkpoint | None = None) -> dict[int, Path]:
     """{MoE layer index: its layer store directory} for a complete store, after a cheap check of file sizes.
 
     Raises CheckpointError naming the file when the store is incomplete (an interrupted convert: rerun it), or a
-    recorded file is missing or has another size than recorded. Reads no file contents (see verify_store).
+    recorded file is missing or has another size than recorded. Reads no store contents (see verify_store).
+    With `checkpoint`, also checks that the store was converted from it (model dims, shard names, sizes and
+    tail fingerprints: reads 1 MiB per shard).
     """
     out = Path(out_folder)
     manifest = read_store_manifest(out)
     path = out / STORE_MANIFEST
+    if checkpoint is not None:
+        fmt = Format(manifest["format_name"], manifest["group_size"])
+        differences = _differences(manifest, _identity(checkpoint, fmt))
+        if differences:
+            raise CheckpointError(f"{path}: this store was not converted from {checkpoint.folder} "
+                                  f"({'; '.join(differences)})")
     missing = [layer for layer in manifest["model"]["moe_layers"] if str(layer) not in manifest["layers"]]
     if missing:
         raise CheckpointError(f"{path}: incomplete store: MoE layers {missing} are not converted yet "

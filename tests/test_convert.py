@@ -229,7 +229,7 @@ def test_peak_rss_below_two_layers(wide, tmp_path):
 
 
 def test_folder_of_another_conversion_is_refused(small, small_int4, tmp_path):
-    with pytest.raises(ConfigError, match=r"hybrid_store.json: .*format: store has 'int4-g128', this conversion 'int8-g128'"):
+    with pytest.raises(ConfigError, match=r"hybrid_store.json: .*format: store has 'int4-g128', this conversion 'int8"):
         convert(small, small_int4, "int8")
     other = make_tiny(tmp_path / "other", TinySpec(layers=3, experts=8, top_k=2, seed=SMALL.seed + 1))
     with pytest.raises(ConfigError, match=r"source file model-00004-of-000004.safetensors: content"):
@@ -247,6 +247,14 @@ def test_folder_of_another_conversion_is_refused(small, small_int4, tmp_path):
         convert(small, tmp_path / "x", "int5")
     with pytest.raises(CheckpointError, match="hybrid_store.json: not found"):
         open_store_layers(foreign)
+    with pytest.raises(CheckpointError, match=r"not converted from .*other \(source file .*: content"):
+        open_store_layers(small_int4, Checkpoint.open(other))
+    assert sorted(open_store_layers(small_int4, Checkpoint.open(small))) == [1, 2]
+    killed_at_first_write = tmp_path / "killed_early"
+    killed_at_first_write.mkdir()
+    (killed_at_first_write / (STORE_MANIFEST + ".tmp")).write_text('{"trunc')
+    convert(small, killed_at_first_write, "int4")
+    assert_same_tree(killed_at_first_write, small_int4)
 
 
 def test_verify_store_names_a_flipped_byte(small, tmp_path):
