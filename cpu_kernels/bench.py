@@ -249,7 +249,7 @@ def print_report(result: dict) -> None:
     for col in ("target", "measured", "wanted", "met"):
         goals.add_column(col)
     for name, ratio, want, met in targets(result):
-        goals.add_row(name, f"{ratio:.2f}", f">= {want:g}", "[green]yes" if met else "[red]no")
+        goals.add_row(name, f"{ratio:.3f}", f">= {want:g}", "[green]yes" if met else "[red]no")
     console.print(goals)
 
 
@@ -262,6 +262,30 @@ def machine() -> dict:
             "avx512": "avx512f" in flags, "loadavg_1min": os.getloadavg()[0]}
 
 
+def markdown(result: dict) -> str:
+    """The results and targets tables as Markdown, for docs/performance.md."""
+    probe, m = result["probe_gbps"], result["machine"]
+    ts = result["prefill_tokens"]
+    lines = [f"Probe: " + ", ".join(f"{t} thread(s) {g:.1f} GB/s" for t, g in probe.items())
+             + f". Load average before/after: {m['loadavg_1min']:.2f}/{result['loadavg_1min_after']:.2f}.", "",
+             "| impl | format | threads | decode tok/s | decode GB/s | % of probe | "
+             + " | ".join(f"prefill {t} tok/s" for t in ts) + f" | prefill {max(ts)} GFLOP/s |",
+             "|" + " --- |" * (7 + len(ts))]
+    for r in result["rows"]:
+        if "error" in r:
+            lines.append(f"| {r['impl']} | {r['format']} | {r['threads']} | error: {r['error'][:80]} |")
+            continue
+        pct = 100 * r["decode_gbps"] / probe[str(r["threads"])]
+        cells = " | ".join(f"{r[f'prefill{t}_tok_s']:.0f}" if f"prefill{t}_tok_s" in r else "" for t in ts)
+        gf = r.get(f"prefill{max(ts)}_gflops")
+        impl = r["impl"] + (f" ({r['experts']} experts)" if "experts" in r else "")
+        lines.append(f"| {impl} | {r['format']} | {r['threads']} | {r['decode_tok_s']:.1f} | {r['decode_gbps']:.1f} "
+                     f"| {pct:.0f} | {cells} | {'' if gf is None else f'{gf:.0f}'} |")
+    lines += ["", "| target | measured | wanted | met |", "| --- | --- | --- | --- |"]
+    lines += [f"| {n} | {v:.3f} | >= {w:g} | {'yes' if ok else 'no'} |" for n, v, w, ok in targets(result)]
+    return "\n".join(lines) + "\n"
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="python -m cpu_kernels.bench", description=__doc__.split("\n\n")[0])
     p.add_argument("--threads", type=int, default=physical_cores(), help="kernel threads (default: physical cores)")
@@ -271,6 +295,7 @@ def parse_args(argv=None):
     p.add_argument("--no-torch", action="store_true", help="skip the torch baselines")
     p.add_argument("--kt-python", help="interpreter with kt-kernel installed: adds its AMXINT8/AMXINT4 rows")
     p.add_argument("--json", help="write the results here")
+    p.add_argument("--markdown", help="write the tables as Markdown here (for docs/performance.md)")
     return p.parse_args(argv)
 
 
@@ -298,6 +323,9 @@ def main(argv=None) -> dict:
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=1)
+    if args.markdown:
+        with open(args.markdown, "w") as f:
+            f.write(markdown(result))
     return result
 
 
