@@ -93,7 +93,7 @@ def _install_cpu_experts(model, ckpt, plan, store, dtype):
     from cpu_kernels import MoEExperts, parse_format
 
     cfg = ckpt.config
-    store_layers = _store_layers(store) if store is not None else {}
+    store_layers = _store_layers(store, ckpt) if store is not None else {}
     for layer in cfg.moe_layers:
         rules = {e: plan.rule_for(names.expert_key(layer, e, "up_proj")) for e in range(cfg.n_routed_experts)}
         cpu_rules = [r for r in rules.values() if r is not None and r.kernel == "cpu_moe"]
@@ -140,7 +140,7 @@ def _quantized_layer(ckpt, layer, fmt):
     return ExpertStore(fmt, E, H, I, values, scales)
 
 
-def _store_layers(store) -> dict:
+def _store_layers(store, ckpt) -> dict:
     from hybrid.convert import open_store_layers
 
-    return open_store_layers(store)
+    return open_store_layers(store, ckpt)  # refuses a store converted from another checkpoint
