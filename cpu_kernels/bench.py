@@ -2,12 +2,13 @@
 
 Dimension legend: T tokens, H hidden (7168), I expert width (2048), E experts (64), K top-k (8).
 
-In one run: a memory read-bandwidth probe (1 thread and all threads), then for each format decode (T = 1,
+In one run: a memory read-bandwidth probe (just before and after each decode row), for each format decode (T = 1,
 fresh random experts per token, so the E-expert working set is far beyond L3) in tokens/s and achieved weight
 GB/s, prefill tokens/s and GFLOP/s at 32, 128 and 512 tokens, and the torch baseline the way transformers runs
 experts (a per-expert F.linear loop) in bf16 and fp32. Prints a table (rich), writes JSON with --json. Random
 weights: speed does not depend on the values, and the bf16 bits are kept to normal numbers (no subnormals).
-Memory: one format's layer at a time (bf16: E * 88 MB), fp32 torch on E/4 experts; peak ~6 GB at E = 64.
+Memory: one format's layer at a time (bf16: E * 88 MB) beside the 2 GiB probe array, fp32 torch on E/4 experts;
+peak ~8 GB at E = 64.
 """
 
 import argparse
@@ -41,18 +42,31 @@ def _sum(a):
     return s
 
 
-def read_bandwidth_gbps(n_threads: int, repeats: int = 5) -> float:
-    """Best-of-`repeats` GB/s of numba threads summing disjoint slices of a 2 GiB float32 array."""
-    a = np.ones(PROBE_BYTES // 4, np.float32)
-    pool = KernelThreads(n_threads)
-    _sum(a[:16])
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        pool.run(lambda p: _sum(a[slice(*split_range(a.shape[0], p, n_threads))]))
-        best = min(best, time.perf_counter() - t0)
-    pool.close()
-    return a.nbytes / best / 1e9
+class BandwidthProbe:
+    """Read bandwidth of this machine now: numba threads summing disjoint slices of one 2 GiB float32 array.
+
+    Measured right before and after every decode row, because on a shared VM the bandwidth left to us moves
+    by tens of percent within minutes; each row is compared with the better of its two neighbouring probes.
+    """
+
+    def __init__(self, nbytes: int = PROBE_BYTES):
+        self.array = np.ones(nbytes // 4, np.float32)
+        _sum(self.array[:16])
+
+    def gbps(self, n_threads: int, repeats: int = 3) -> float:
+        a, pool, best = self.array, KernelThreads(n_threads), float("inf")
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            pool.run(lambda p: _sum(a[slice(*split_range(a.shape[0], p, n_threads))]))
+            best = min(best, time.perf_counter() - t0)
+        pool.close()
+        return a.nbytes / best / 1e9
+
+    def around(self, n_threads: int, measure):
+        """(measure(), the better probe of just before and just after it)."""
+        before = self.gbps(n_threads)
+        value = measure()
+        return value, max(before, self.gbps(n_threads))
 
 
 def random_store(fmt: Format, n_experts: int, seed: int = 0) -> ExpertStore:
@@ -111,7 +125,7 @@ def flops(n_tokens: int) -> int:
     return 2 * 3 * H * I * K * n_tokens
 
 
-def bench_format(fmt: Format, n_experts: int, thread_counts, prefill_tokens, seed: int = 0) -> list:
+def bench_format(fmt: Format, n_experts: int, thread_counts, prefill_tokens, probe: BandwidthProbe, seed: int = 0) -> list:
     """Rows for our kernels in `fmt`: decode at each thread count, prefill at the largest."""
     store = random_store(fmt, n_experts, seed)
     rng = np.random.default_rng(seed + 1)
@@ -119,9 +133,9 @@ def bench_format(fmt: Format, n_experts: int, thread_counts, prefill_tokens, see
     for n_threads in thread_counts:
         experts = MoEExperts(store, n_threads=n_threads)
         experts.forward(*random_batch(rng, 8, n_experts))  # compile / load the four-token kernels too
-        s_tok = time_decode(experts.forward, rng, n_experts)
+        s_tok, probe_gbps = probe.around(n_threads, lambda: time_decode(experts.forward, rng, n_experts))
         row = {"impl": "cpu_kernels", "format": str(fmt), "threads": n_threads, "decode_tok_s": 1 / s_tok,
-               "decode_gbps": K * expert_bytes(fmt, H, I) / s_tok / 1e9}
+               "decode_gbps": K * expert_bytes(fmt, H, I) / s_tok / 1e9, "probe_gbps": probe_gbps}
         if n_threads == max(thread_counts):
             for t in prefill_tokens:
                 secs = time_prefill(experts.forward, rng, t, n_experts, 1 if t >= 512 else 2)
@@ -131,7 +145,8 @@ def bench_format(fmt: Format, n_experts: int, thread_counts, prefill_tokens, see
     return rows
 
 
-def torch_rows(dtype_name: str, n_experts: int, n_threads: int, prefill_tokens, ref_experts: int, seed: int = 0) -> dict:
+def torch_rows(dtype_name: str, n_experts: int, n_threads: int, prefill_tokens, ref_experts: int,
+               probe: BandwidthProbe, seed: int = 0) -> dict:
     """The transformers-style per-expert F.linear loop in torch, bf16 or fp32, on random weights.
 
     Prefill token counts are scaled by n_experts / ref_experts so each expert gets as many tokens as in our runs.
@@ -156,10 +171,10 @@ def torch_rows(dtype_name: str, n_experts: int, n_threads: int, prefill_tokens, 
         return out
 
     rng = np.random.default_rng(seed + 2)
-    s_tok = time_decode(run, rng, n_experts)
+    s_tok, probe_gbps = probe.around(n_threads, lambda: time_decode(run, rng, n_experts))
     elem = 2 if dtype_name == "bf16" else 4
     row = {"impl": "torch", "format": dtype_name, "threads": n_threads, "decode_tok_s": 1 / s_tok,
-           "decode_gbps": K * 3 * H * I * elem / s_tok / 1e9, "experts": n_experts}
+           "decode_gbps": K * 3 * H * I * elem / s_tok / 1e9, "experts": n_experts, "probe_gbps": probe_gbps}
     for t in prefill_tokens:
         t_here = max(1, t * n_experts // ref_experts)
         secs = time_prefill(run, rng, t_here, n_experts, 1 if t >= 512 else 2)
@@ -194,7 +209,7 @@ def kt_row(kt_python: str, method: str, n_experts: int, n_threads: int, ref_expe
 
 def targets(result: dict) -> list:
     """(name, measured ratio, target, met) for the issue's targets, from one run's rows and probe."""
-    probe, rows = result["probe_gbps"], result["rows"]
+    rows = result["rows"]
     n = result["threads"]
     ours = {(r["format"], r["threads"]): r for r in rows if r["impl"] == "cpu_kernels"}
     torch_bf16 = next((r for r in rows if r["impl"] == "torch" and r["format"] == "bf16"), None)
@@ -203,7 +218,7 @@ def targets(result: dict) -> list:
     for (fmt, threads), r in sorted(ours.items()):
         if fmt.startswith(("int4", "int8")):
             want = 0.85 if threads == n else 0.75
-            ratio = r["decode_gbps"] / probe[str(threads)]
+            ratio = r["decode_gbps"] / r["probe_gbps"]
             out.append((f"{fmt} decode GB/s / probe, {threads} thr", ratio, want, ratio >= want))
         if threads != n:
             continue
@@ -228,8 +243,8 @@ def print_report(result: dict) -> None:
     m = result["machine"]
     console.print(f"{m['cpu']}, {m['physical_cores']} cores, {m['ram_gib']} GiB; load average before/after "
                   f"{m['loadavg_1min']:.2f}/{result['loadavg_1min_after']:.2f} (> 0.5 means others shared the cores)")
-    console.print("read bandwidth probe: " + ", ".join(f"{t} thr {g:.1f} GB/s" for t, g in probe.items())
-                  + f"; warm start {result['warm_start_s']:.2f} s")
+    console.print("read bandwidth probe (best over the run; each row is compared with its own neighbouring probes): "
+                  + ", ".join(f"{t} thr {g:.1f} GB/s" for t, g in probe.items()) + f"; warm start {result['warm_start_s']:.2f} s")
     table = Table(title=f"routed experts, H={H} I={I} K={K}, {result['experts']} experts")
     for col in ("impl", "format", "thr", "decode tok/s", "GB/s", "% probe", *(f"pf{t} tok/s" for t in result["prefill_tokens"]),
                 "pf GFLOP/s (max T)"):
@@ -239,7 +254,7 @@ def print_report(result: dict) -> None:
         if "error" in r:
             table.add_row(r["impl"], r["format"], str(r["threads"]), f"[red]{r['error'][:60]}")
             continue
-        pct = 100 * r["decode_gbps"] / probe[str(r["threads"])] if str(r["threads"]) in probe else float("nan")
+        pct = 100 * r["decode_gbps"] / r["probe_gbps"] if "probe_gbps" in r else float("nan")
         cells = [f"{r.get(f'prefill{t}_tok_s', float('nan')):.1f}" for t in result["prefill_tokens"]]
         table.add_row(r["impl"] + (f" (E={r['experts']})" if "experts" in r else ""), r["format"], str(r["threads"]),
                       f"{r['decode_tok_s']:.1f}", f"{r['decode_gbps']:.1f}", f"{pct:.0f}", *cells,
@@ -266,21 +281,22 @@ def markdown(result: dict) -> str:
     """The results and targets tables as Markdown, for docs/performance.md."""
     probe, m = result["probe_gbps"], result["machine"]
     ts = result["prefill_tokens"]
-    lines = [f"Probe: " + ", ".join(f"{t} thread(s) {g:.1f} GB/s" for t, g in probe.items())
+    lines = ["Probe (best over the run; % of probe uses each row's own neighbouring probes): "
+             + ", ".join(f"{t} thread(s) {g:.1f} GB/s" for t, g in probe.items())
              + f". Load average before/after: {m['loadavg_1min']:.2f}/{result['loadavg_1min_after']:.2f}.", "",
-             "| impl | format | threads | decode tok/s | decode GB/s | % of probe | "
+             "| impl | format | threads | decode tok/s | decode GB/s | probe GB/s | % of probe | "
              + " | ".join(f"prefill {t} tok/s" for t in ts) + f" | prefill {max(ts)} GFLOP/s |",
-             "|" + " --- |" * (7 + len(ts))]
+             "|" + " --- |" * (8 + len(ts))]
     for r in result["rows"]:
         if "error" in r:
             lines.append(f"| {r['impl']} | {r['format']} | {r['threads']} | error: {r['error'][:80]} |")
             continue
-        pct = 100 * r["decode_gbps"] / probe[str(r["threads"])]
+        pct = 100 * r["decode_gbps"] / r["probe_gbps"] if "probe_gbps" in r else float("nan")
         cells = " | ".join(f"{r[f'prefill{t}_tok_s']:.0f}" if f"prefill{t}_tok_s" in r else "" for t in ts)
         gf = r.get(f"prefill{max(ts)}_gflops")
         impl = r["impl"] + (f" ({r['experts']} experts)" if "experts" in r else "")
         lines.append(f"| {impl} | {r['format']} | {r['threads']} | {r['decode_tok_s']:.1f} | {r['decode_gbps']:.1f} "
-                     f"| {pct:.0f} | {cells} | {'' if gf is None else f'{gf:.0f}'} |")
+                     f"| {r.get('probe_gbps', float('nan')):.1f} | {pct:.0f} | {cells} | {'' if gf is None else f'{gf:.0f}'} |")
     lines += ["", "| target | measured | wanted | met |", "| --- | --- | --- | --- |"]
     lines += [f"| {n} | {v:.3f} | >= {w:g} | {'yes' if ok else 'no'} |" for n, v, w, ok in targets(result)]
     return "\n".join(lines) + "\n"
@@ -304,23 +320,24 @@ def main(argv=None) -> dict:
     n_experts = 16 if args.quick else args.experts
     prefill_tokens = PREFILL_TOKENS[:2] if args.quick else PREFILL_TOKENS
     thread_counts = sorted({1, args.threads})
+    probe = BandwidthProbe()
     result = {"machine": machine(), "experts": n_experts, "threads": args.threads, "prefill_tokens": list(prefill_tokens),
-              "probe_gbps": {str(t): read_bandwidth_gbps(t) for t in thread_counts}, "rows": []}
+              "rows": []}
     for text in args.formats.split(","):
-        result["rows"] += bench_format(parse_format(text.strip()), n_experts, thread_counts, prefill_tokens)
+        result["rows"] += bench_format(parse_format(text.strip()), n_experts, thread_counts, prefill_tokens, probe)
     if not args.no_torch:
         if not args.quick:
-            result["rows"].append(torch_rows("bf16", n_experts, args.threads, prefill_tokens, n_experts))
+            result["rows"].append(torch_rows("bf16", n_experts, args.threads, prefill_tokens, n_experts, probe))
         # fp32 weights are 4 bytes: a quarter of the experts keeps memory down and is still far beyond L3.
-        result["rows"].append(torch_rows("fp32", max(K, n_experts // 4), args.threads, prefill_tokens, n_experts))
+        result["rows"].append(torch_rows("fp32", max(K, n_experts // 4), args.threads, prefill_tokens, n_experts, probe))
     if args.kt_python:
         for method in ("AMXINT8", "AMXINT4"):
-            result["rows"].append(kt_row(args.kt_python, method, max(K, n_experts // 2), args.threads, n_experts))
+            row, probe_gbps = probe.around(args.threads, lambda: kt_row(args.kt_python, method, max(K, n_experts // 2),
+                                                                         args.threads, n_experts))
+            result["rows"].append(dict(row, probe_gbps=probe_gbps))
+    result["probe_gbps"] = {str(t): max([r["probe_gbps"] for r in result["rows"] if r["threads"] == t and "probe_gbps" in r]
+                                        + [0.0]) for t in thread_counts}
     result["warm_start_s"] = warm_start_seconds()
-    # Probe again at the end and keep the better figure: a probe that overlapped other work would flatter the
-    # kernels' share of it.
-    for t in thread_counts:
-        result["probe_gbps"][str(t)] = max(result["probe_gbps"][str(t)], read_bandwidth_gbps(t))
     result["loadavg_1min_after"] = os.getloadavg()[0]
     result["targets"] = [dict(zip(("target", "measured", "wanted", "met"), t)) for t in targets(result)]
     print_report(result)
