@@ -16,11 +16,12 @@ from .quantize import (
     quantize_matrix,
 )
 from .store import ExpertStore, LayerStoreWriter, build_store, load_store, save_store
-from .threads import physical_cores
+from .threads import KernelThreads, physical_cores
 
 __all__ = [
     "DEFAULT_GROUP_SIZE",
     "FORMAT_NAMES",
+    "KernelThreads",
     "GROUP_SIZES",
     "TILE_ROWS",
     "ExpertStore",

@@ -8,12 +8,14 @@ Dimension legend: T tokens, H hidden, I expert width, E experts, K top-k, P = T 
 
 forward computes, for each token t, sum_k weights[t, k] * down_e(silu(gate_e(x_t)) * up_e(x_t)) with
 e = ids[t, k]. Inputs are validated before any kernel runs; bad input raises ValueError naming the argument.
-Scratch (activations, sort buffers, per-thread tiles) is allocated once and grown only when a call brings more
-pairs than any before; the kernels themselves allocate nothing.
+
+Threads and scratch belong to a `KernelThreads` worker. Give all layers of a model the same one
+(`MoEExperts.from_store(path, threads=worker)`): layers run one after another, so they share its threads and
+its scratch (activations, sort buffers, per-thread tiles), which grows only when a call brings more pairs than
+any before. The kernels themselves allocate nothing.
 """
 
 import threading
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
@@ -32,46 +34,37 @@ def _readonly(a: np.ndarray) -> np.ndarray:
 
 
 class MoEExperts:
-    """Routed experts of one layer from an ExpertStore; `n_threads` kernel threads (default: physical cores)."""
+    """Routed experts of one layer from an ExpertStore.
 
-    def __init__(self, store: ExpertStore, n_threads: int | None = None):
+    `threads`: a KernelThreads worker to share with other layers; without one, the layer makes its own with
+    `n_threads` threads (default: physical cores) and closes it in close().
+    """
+
+    def __init__(self, store: ExpertStore, n_threads: int | None = None, threads: KernelThreads | None = None):
+        if threads is not None and n_threads not in (None, threads.n_threads):
+            raise ValueError(f"n_threads {n_threads} differs from the given worker's {threads.n_threads}")
         self.store = store
         self.fmt = store.fmt
         self.n_experts, self.hidden, self.width = store.n_experts, store.hidden, store.width
         self._v = {k: _readonly(a) for k, a in store.values.items()}
         self._s = {k: _readonly(a) for k, a in store.scales.items()}
-        self._threads = KernelThreads(n_threads)
+        self._owns_threads = threads is None
+        self._threads = KernelThreads(n_threads) if threads is None else threads
         self.n_threads = self._threads.n_threads
-        self._background = ThreadPoolExecutor(1, thread_name_prefix="moe-experts")
         self._pending = None
         self._lock = threading.Lock()
-        e = self.n_experts
-        self._counts = np.zeros(e, np.int64)
-        self._starts = np.zeros(e + 1, np.int64)
-        self._used = np.zeros(e, np.int64)
-        self._ybuf = np.zeros((self.n_threads, 2, BLOCK_TOKENS, store.values["gate_proj"].shape[-1]), np.float32)
-        self._grow(0, 0)
 
     @classmethod
-    def from_store(cls, directory, n_threads: int | None = None, mmap: bool = True) -> "MoEExperts":
+    def from_store(cls, directory, n_threads: int | None = None, mmap: bool = True,
+                   threads: KernelThreads | None = None) -> "MoEExperts":
         """Open a layer store directory written by store.save_store / LayerStoreWriter."""
-        return cls(load_store(directory, mmap=mmap), n_threads)
+        return cls(load_store(directory, mmap=mmap), n_threads, threads)
 
     @classmethod
-    def from_weights(cls, gate, up, down, fmt: Format, n_threads: int | None = None) -> "MoEExperts":
+    def from_weights(cls, gate, up, down, fmt: Format, n_threads: int | None = None,
+                     threads: KernelThreads | None = None) -> "MoEExperts":
         """Quantize in-memory weights: gate, up [E, I, H], down [E, H, I], float32 or bf16 as uint16."""
-        return cls(build_store(gate, up, down, fmt), n_threads)
-
-    def _grow(self, n_tokens: int, n_pairs: int) -> None:
-        cap_t = getattr(self, "_x32", np.zeros((0, 0))).shape[0]
-        cap_p = getattr(self, "_h", np.zeros((0, 0))).shape[0]
-        if n_tokens > cap_t or cap_t == 0:
-            self._x32 = np.zeros((max(n_tokens, 8), self.hidden), np.float32)
-        if n_pairs > cap_p or cap_p == 0:
-            cap = max(n_pairs, 64)
-            self._h = np.zeros((cap, self.width), np.float32)
-            self._pair_token = np.zeros(cap, np.int64)
-            self._pair_weight = np.zeros(cap, np.float32)
+        return cls(build_store(gate, up, down, fmt), n_threads, threads)
 
     def _validate(self, hidden, ids, weights, out):
         for name, a in (("hidden", hidden), ("ids", ids), ("weights", weights)):
@@ -122,7 +115,7 @@ class MoEExperts:
                 raise RuntimeError("submit() called again before wait(); one call may be in flight at a time")
             if out is None:
                 out = np.zeros((hidden.shape[0], self.hidden), np.float32)
-            self._pending = self._background.submit(self._run, hidden, ids.astype(np.int64, copy=False), weights, out)
+            self._pending = self._threads.submit(self._run, hidden, ids.astype(np.int64, copy=False), weights, out)
 
     def wait(self) -> np.ndarray:
         """Block until the submitted call is done; returns its out [T, H] float32 (re-raises its error)."""
@@ -137,32 +130,35 @@ class MoEExperts:
         n_pairs = n_tokens * top_k
         if n_pairs == 0:
             return out
-        self._grow(n_tokens, n_pairs)
+        buf, v, s = self._threads.buffer, self._v, self._s
         x = hidden
         if hidden.dtype == np.uint16:
-            x = self._x32[:n_tokens]
+            x = buf("x32", (n_tokens, self.hidden), np.float32)
             bf16_rows_to_f32(hidden, x)
-        n_used = sort_by_expert(ids, weights, self._counts, self._starts, self._pair_token, self._pair_weight, self._used)
-        h = self._h[:n_pairs]
-        v, s = self._v, self._s
+        used, starts = buf("used", (self.n_experts,), np.int64), buf("starts", (self.n_experts + 1,), np.int64)
+        pair_token, pair_weight = buf("pair_token", (n_pairs,), np.int64), buf("pair_weight", (n_pairs,), np.float32)
+        n_used = sort_by_expert(ids, weights, buf("counts", (self.n_experts,), np.int64), starts, pair_token,
+                                pair_weight, used)
+        h = buf("h", (n_pairs, self.width), np.float32)
+        ybuf = buf("ybuf", (self.n_threads, 2, BLOCK_TOKENS, v["gate_proj"].shape[-1]), np.float32)
         n_parts = self.n_threads
         n_tiles_i, n_tiles_h = v["gate_proj"].shape[1], v["down_proj"].shape[1]
-        sort = (self._used, n_used, self._starts, self._pair_token)
+        sort = (used, n_used, starts, pair_token)
 
         def gate_up(part):
             t0, t1 = split_range(n_tiles_i, part, n_parts)
-            gate_up_phase(v["gate_proj"], s["gate_proj"], v["up_proj"], s["up_proj"], x, *sort,
-                          self._pair_weight, h, t0, t1, self._ybuf[part])
+            gate_up_phase(v["gate_proj"], s["gate_proj"], v["up_proj"], s["up_proj"], x, *sort, pair_weight, h,
+                          t0, t1, ybuf[part])
 
         def down(part):
             t0, t1 = split_range(n_tiles_h, part, n_parts)
-            down_phase(v["down_proj"], s["down_proj"], h, *sort, out, t0, t1, self._ybuf[part])
+            down_phase(v["down_proj"], s["down_proj"], h, *sort, out, t0, t1, ybuf[part])
 
         self._threads.run(gate_up)
         self._threads.run(down)
         return out
 
     def close(self) -> None:
-        """Stop the background and kernel threads (also done at interpreter exit)."""
-        self._background.shutdown(wait=True)
-        self._threads.close()
+        """Stop this layer's worker threads if it made its own (a shared worker is closed by its owner)."""
+        if self._owns_threads:
+            self._threads.close()

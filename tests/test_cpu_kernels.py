@@ -9,7 +9,7 @@ import pytest
 import torch
 from reference import routed_experts_reference
 
-from cpu_kernels import Format, MoEExperts, dequantize_matrix
+from cpu_kernels import Format, KernelThreads, MoEExperts, dequantize_matrix
 from cpu_kernels.formats import MATVEC_ERROR_BOUND
 
 N_EXPERTS = 12
@@ -155,3 +155,23 @@ def test_int32_ids_and_empty_batch(layer):
     np.testing.assert_array_equal(experts.forward(hidden, ids.astype(np.int32), weights), experts.forward(hidden, ids, weights))
     empty = experts.forward(np.zeros((0, experts.hidden), np.float32), np.zeros((0, 2), np.int64), np.zeros((0, 2), np.float32))
     assert empty.shape == (0, experts.hidden)
+
+
+def test_layers_sharing_one_worker(layer):
+    """Two layers on one KernelThreads: both submitted before either is waited for, results as if alone."""
+    _, experts, _, _ = layer
+    worker = KernelThreads(2)
+    first, second = MoEExperts(experts.store, threads=worker), MoEExperts(experts.store, threads=worker)
+    ids_a, weights_a, rng = routing(7, 8, seed=5)
+    ids_b, weights_b, _ = routing(300, 2, seed=6)
+    x_a = rng.standard_normal((7, experts.hidden), dtype=np.float32)
+    x_b = rng.standard_normal((300, experts.hidden), dtype=np.float32)
+    first.submit(x_a, ids_a, weights_a)
+    second.submit(x_b, ids_b, weights_b)
+    got_b, got_a = second.wait(), first.wait()
+    np.testing.assert_allclose(got_a, experts.forward(x_a, ids_a, weights_a), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(got_b, experts.forward(x_b, ids_b, weights_b), rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="differs"):
+        MoEExperts(experts.store, n_threads=1, threads=worker)
+    first.close()
+    worker.close()
