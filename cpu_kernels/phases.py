@@ -15,6 +15,10 @@ An expert's tokens go through the four-token kernels (prefill.py) in blocks of f
 time (decode.py); the tile stays in L2 between them. Threads split by tiles, so each streams its own
 contiguous byte range of every expert. `tile1` / `tile4` pick the format's kernel from the values dtype at
 compile time: one compiled specialisation per format.
+
+numba's on-disk cache of these drivers is keyed on this file only: after editing decode.py or prefill.py, delete
+cpu_kernels/__pycache__/*.nbi and *.nbc, or the drivers keep the old kernels compiled in (an install or
+reinstall rewrites every file, which invalidates the whole cache).
 """
 
 import numpy as np
