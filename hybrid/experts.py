@@ -10,6 +10,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from hybrid.timing import NULL_RECORDER
+
 from hybrid.layers import MLP
 
 
@@ -74,6 +76,8 @@ class HybridExperts(nn.Module):
     an expert that token already uses there, so the kernel streams nothing extra for it.
     """
 
+    rec = NULL_RECORDER
+
     def __init__(self, cpu, n_experts: int, gpu_experts: dict[int, nn.Module] | None = None):
         super().__init__()
         self.cpu = cpu
@@ -98,7 +102,8 @@ class HybridExperts(nn.Module):
             some_cpu = torch.where(some_cpu < 0, self.filler, some_cpu).expand_as(ids_c)
             ids_c = torch.where(gpu_pairs, some_cpu, ids_c)
             w_c = torch.where(gpu_pairs, 0.0, w_c)
-        self._x = self.host.to_host(hidden)
+        with self.rec.section("transfers"):
+            self._x = self.host.to_host(hidden)
         self._ids, self._w = ids_c.contiguous().numpy(), w_c.contiguous().numpy()
         self.cpu.submit(self._x, self._ids, self._w)
 
@@ -112,7 +117,9 @@ class HybridExperts(nn.Module):
         return out
 
     def wait(self) -> torch.Tensor:
-        out = self.host.to_device(self.cpu.wait(), self._like)
+        result = self.cpu.wait()
+        with self.rec.section("transfers"):
+            out = self.host.to_device(result, self._like)
         if self._gpu_out is not None:
             out = out + self._gpu_out
         return out

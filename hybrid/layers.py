@@ -11,6 +11,7 @@ from torch import nn
 from hybrid import fp8
 from hybrid.config import ModelConfig
 from hybrid.rope import apply_rope
+from hybrid.timing import NULL_RECORDER
 
 
 class Fp8Linear(nn.Module):
@@ -123,31 +124,38 @@ class MoE(nn.Module):
     With `n_defer` > 0 (a plan option, off by default) each token's n_defer lowest-weight experts are computed
     after this layer returns and added at the next MoE layer's output (`carry`, shared by the model)."""
 
-    def __init__(self, cfg: ModelConfig, experts):
+    rec = NULL_RECORDER
+
+    def __init__(self, cfg: ModelConfig, experts, layer: int | None = None):
         super().__init__()
         self.gate = Router(cfg)
         self.experts = experts
         width = cfg.moe_intermediate_size * cfg.n_shared_experts
         self.shared_experts = MLP(cfg.hidden_size, width) if cfg.n_shared_experts else None
-        self.n_defer, self.carry = 0, None
+        self.n_defer, self.carry, self.layer = 0, None, layer
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rec, layer = self.rec, self.layer
         flat = x.reshape(-1, x.shape[-1])
-        weights, ids = self.gate(flat)
-        now = ids.shape[1] - self.n_defer
-        if self.n_defer:  # strongest experts first: the weakest are the ones deferred
-            order = weights.argsort(dim=-1, descending=True)
-            ids, weights = ids.gather(1, order), weights.gather(1, order)
-        self.experts.submit(flat, ids[:, :now], weights[:, :now])
+        with rec.section("router", layer):
+            weights, ids = self.gate(flat)
+            now = ids.shape[1] - self.n_defer
+            if self.n_defer:  # strongest experts first: the weakest are the ones deferred
+                order = weights.argsort(dim=-1, descending=True)
+                ids, weights = ids.gather(1, order), weights.gather(1, order)
+        with rec.section("routed_submit", layer):
+            self.experts.submit(flat, ids[:, :now], weights[:, :now])
         # The shared expert runs while the routed experts compute (on the CPU, when they live there).
-        shared = self.shared_experts(flat) if self.shared_experts is not None else 0
-        out = self.experts.wait().to(flat.dtype) + shared
-        if self.carry is not None:
-            late = self.carry.take()
-            out = out if late is None else out + late.to(flat.dtype)
-            if self.n_defer:
-                self.experts.submit(flat, ids[:, now:], weights[:, now:])
-                self.carry.put(self.experts)
+        with rec.section("shared_expert", layer):
+            shared = self.shared_experts(flat) if self.shared_experts is not None else 0
+        with rec.section("routed_wait", layer):
+            out = self.experts.wait().to(flat.dtype) + shared
+            if self.carry is not None:
+                late = self.carry.take()
+                out = out if late is None else out + late.to(flat.dtype)
+                if self.n_defer:
+                    self.experts.submit(flat, ids[:, now:], weights[:, now:])
+                    self.carry.put(self.experts)
         return out.view_as(x)
 
 

@@ -11,23 +11,31 @@ from hybrid.config import ModelConfig
 from hybrid.experts import TorchExperts
 from hybrid.layers import MLP, Attention, Deferred, MoE, RMSNorm
 from hybrid.rope import Rope
+from hybrid.timing import NULL_RECORDER
 
 
 class DecoderLayer(nn.Module):
+    rec = NULL_RECORDER
+
     def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
+        self.layer = layer
         self.self_attn = Attention(cfg, layer)
         if cfg.is_moe_layer(layer):
             experts = TorchExperts(cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size)
-            self.mlp = MoE(cfg, experts)
+            self.mlp = MoE(cfg, experts, layer)
         else:
             self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
     def forward(self, x, cos, sin, mask, cache):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        with self.rec.section("attention", self.layer):
+            x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
+        if isinstance(self.mlp, MoE):
+            return x + self.mlp(self.post_attention_layernorm(x))  # MoE marks its own parts
+        with self.rec.section("dense_mlp", self.layer):
+            return x + self.mlp(self.post_attention_layernorm(x))
 
 
 class DeepseekV3Model(nn.Module):
@@ -39,6 +47,8 @@ class DeepseekV3Model(nn.Module):
 
 
 class DeepseekV3ForCausalLM(nn.Module):
+    rec = NULL_RECORDER
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.config = cfg
@@ -48,6 +58,16 @@ class DeepseekV3ForCausalLM(nn.Module):
         self.deferred = None
         self.prefill_chunk = None  # tokens per prefill forward, from the plan (None: generate's default)
         self.max_context = None  # positions the plan reserved cache memory for (None: the model's own limit)
+
+    def set_recorder(self, rec):
+        """Hand one timing recorder (hybrid.timing) to every module that marks sections; NULL_RECORDER: off."""
+        for module in self.modules():
+            if hasattr(type(module), "rec"):
+                module.rec = rec
+        for layer in self.model.layers:
+            experts = getattr(layer.mlp, "experts", None)
+            if experts is not None and hasattr(type(experts), "rec"):
+                experts.rec = rec
 
     def set_deferral(self, n_defer: int):
         """Defer each token's n_defer weakest routed experts by one layer (0: off, the exact model)."""
@@ -71,8 +91,9 @@ class DeepseekV3ForCausalLM(nn.Module):
             cache.check_room(T)
             start = cache.length
         embed, main = self.model.embed_tokens.weight.device, self.model.norm.weight.device
-        # A plan may keep the embedding table on the CPU: one row per token is all that crosses.
-        x = self.model.embed_tokens(ids.to(embed)).to(main)
+        with self.rec.section("embedding"):
+            # A plan may keep the embedding table on the CPU: one row per token is all that crosses.
+            x = self.model.embed_tokens(ids.to(embed)).to(main)
         positions = torch.arange(start, start + T, device=main)
         cos, sin = self.rope.cos_sin(positions, x.dtype)
         mask = torch.arange(start + T, device=main)[None, :] > positions[:, None]  # [T, S] causal
@@ -85,6 +106,7 @@ class DeepseekV3ForCausalLM(nn.Module):
             cache.advance(T)
         if last_only:
             x = x[:, -1:]
-        x = self.model.norm(x)
-        head = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return torch.nn.functional.linear(x, head.to(x.device)).float()
+        with self.rec.section("lm_head"):
+            x = self.model.norm(x)
+            head = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+            return torch.nn.functional.linear(x, head.to(x.device)).float()

@@ -1,0 +1,129 @@
+"""Measure where a token's time goes: real prefill and decode through the runtime, with a TimelineRecorder.
+
+Dimension legend: B batch (sequences decoded together), T prompt tokens, K top-k, E experts.
+
+`profile_run` returns, for one prompt length and batch: time to first token, prompt tokens/s, decode
+tokens/s (median and spread over repeats), and per decoded token the seconds of each component
+(embedding, attention, router, shared_expert, routed_submit, routed_wait (the main thread waiting for the CPU
+experts), transfers (host <-> device copies), dense_mlp, lm_head, sampling, other = Python between sections),
+per layer as well. The components add up to the timeline; `coverage` compares that sum with a wall clock
+read independently around the loop. Routing is counted per (layer, expert) for the planner, and the expert
+bytes each decoded token streams are counted for the bandwidth view.
+"""
+
+import statistics
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from hybrid.generate import decode_one, new_cache, prefill
+from hybrid.sampling import SamplingParams, sample
+from hybrid.timing import NULL_RECORDER, CudaClock, TimelineRecorder, WallClock
+
+COMPONENTS = ("embedding", "attention", "router", "shared_expert", "routed_submit", "routed_wait", "transfers",
+              "dense_mlp", "lm_head", "sampling", "other")
+
+
+@dataclass
+class RoutingCounter:
+    """Counts expert choices per MoE layer through forward hooks on the routers; also the distinct experts of
+    each step (what a decode step streams)."""
+
+    counts: dict = field(default_factory=dict)  # layer -> [count per expert]
+    step_unique: list = field(default_factory=list)  # per forward: {layer: distinct experts}
+    hooks: list = field(default_factory=list)
+
+    def attach(self, model):
+        n = model.config.n_routed_experts
+        for i, layer in enumerate(model.model.layers):
+            if model.config.is_moe_layer(i):
+                self.counts.setdefault(i, [0] * n)
+                self.hooks.append(layer.mlp.gate.register_forward_hook(self._hook(i)))
+        return self
+
+    def _hook(self, layer):
+        def record(module, inputs, output):
+            ids = output[1].flatten().tolist()
+            for e in ids:
+                self.counts[layer][e] += 1
+            if self.step_unique is not None:
+                self.step_unique.append((layer, len(set(ids))))
+        return record
+
+    def detach(self):
+        for h in self.hooks:
+            h.remove()
+        self.hooks = []
+
+    def to_json(self, model_name: str) -> dict:
+        return {"model": model_name, "tokens": sum(self.counts[min(self.counts)]) if self.counts else 0,
+                "counts": {str(k): v for k, v in sorted(self.counts.items())}}
+
+
+def make_recorder(model) -> TimelineRecorder:
+    device = model.model.norm.weight.device
+    return TimelineRecorder(CudaClock(torch) if device.type == "cuda" else WallClock())
+
+
+def prompt_ids(vocab: int, batch: int, length: int, seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, min(vocab, 256), (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def one_repeat(model, ids: torch.Tensor, n_gen: int, counter: RoutingCounter | None):
+    """Prefill then n_gen greedy decode steps; returns (prefill_s, decode wall s, recorder, expert bytes)."""
+    B, T = ids.shape
+    cache = new_cache(model, T + n_gen, batch=B)
+    chunk = model.prefill_chunk or 256
+    t0 = time.perf_counter()
+    for s in range(0, T, chunk):
+        logits = model(ids[:, s:s + chunk], cache=cache, last_only=True)
+    prefill_s = time.perf_counter() - t0
+    rec = make_recorder(model)
+    model.set_recorder(rec)
+    params = SamplingParams()
+    tokens = torch.tensor([[sample(logits[b, -1], params)] for b in range(B)])
+    if counter is not None:
+        counter.step_unique = []
+    rec.start()
+    t0 = time.perf_counter()
+    try:
+        for _ in range(n_gen):
+            logits = model(tokens, cache=cache)
+            with rec.section("sampling"):
+                tokens = torch.tensor([[sample(logits[b, -1], params)] for b in range(B)])
+        timeline = rec.stop()
+    finally:
+        model.set_recorder(NULL_RECORDER)
+    wall = time.perf_counter() - t0
+    return prefill_s, wall, timeline, rec
+
+
+def profile_run(model, prompt_len: int, n_gen: int, batch: int = 1, repeat: int = 3,
+                counter: RoutingCounter | None = None, expert_bytes: int = 0) -> dict:
+    """Warm-up once, then `repeat` measured runs; see the module docstring for what comes back."""
+    ids = prompt_ids(model.config.vocab_size, batch, prompt_len)
+    one_repeat(model, ids, min(n_gen, 2), None)  # warm-up: kernels compiled, caches touched
+    runs = []
+    for _ in range(repeat):
+        prefill_s, wall, timeline, rec = one_repeat(model, ids, n_gen, counter)
+        streamed = 0
+        if counter is not None:  # the decode steps' distinct experts (prefill hooks ran before reset)
+            streamed = sum(u for _, u in counter.step_unique) * expert_bytes
+        runs.append((prefill_s, wall, timeline, rec, streamed))
+    best = min(runs, key=lambda r: r[1])
+    prefill_s, wall, timeline, rec, streamed = best
+    per_token = {k: v / n_gen for k, v in rec.by_component().items()}
+    decode = [batch * n_gen / r[1] for r in runs]
+    prompt = [batch * prompt_len / r[0] for r in runs]
+    return {
+        "prompt_len": prompt_len, "batch": batch, "generated": n_gen, "repeat": repeat,
+        "ttft_s": statistics.median(r[0] for r in runs),
+        "prompt_tps": statistics.median(prompt), "prompt_tps_spread": max(prompt) - min(prompt),
+        "decode_tps": statistics.median(decode), "decode_tps_spread": max(decode) - min(decode),
+        "token_s": wall / n_gen,
+        "components_s": {c: per_token.get(c, 0.0) for c in COMPONENTS},
+        "per_layer_s": {str(k): {c: v / n_gen for c, v in d.items()} for k, d in rec.by_layer().items()},
+        "coverage": timeline / wall,
+        "expert_bytes_per_token": streamed / n_gen / batch if n_gen else 0,
+    }
