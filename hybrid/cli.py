@@ -158,6 +158,43 @@ def convert(checkpoint, out, fmt, group, verify):
     err.print(f"wrote {out}")
 
 
+@cli.command()
+@click.argument("model", required=False, type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--plan", "plan_file", type=click.Path(exists=True, dir_okay=False))
+@click.option("--store", type=click.Path(exists=True, file_okay=False))
+@click.option("--prompt-lens", default="128", show_default=True, help="Comma-separated prompt lengths.")
+@click.option("--gen", default=16, show_default=True, help="Tokens decoded per run.")
+@click.option("--batch", "batches", default="1", show_default=True, help="Comma-separated batch sizes.")
+@click.option("--repeat", default=3, show_default=True)
+@click.option("--shape", type=click.Choice(["kimi-k2"]), help="Profile a K2-width model instead of MODEL.")
+@click.option("--layers", default=2, show_default=True, help="With --shape: layers (the first is dense).")
+@click.option("--experts", default=32, show_default=True, help="With --shape: routed experts per layer.")
+@click.option("--project-hardware", type=click.Path(exists=True, dir_okay=False), help="Project onto this machine.")
+@click.option("--probe-gib", default=2.0, show_default=True, help="Size of the read-bandwidth probe.")
+@click.option("--json", "json_out", type=click.Path(dir_okay=False))
+@click.option("--csv", "csv_out", type=click.Path(dir_okay=False))
+@click.option("--plot", "plot_out", type=click.Path(dir_okay=False), help="PNG: time by component, speed by context.")
+@click.option("--routing-stats", "routing_out", type=click.Path(dir_okay=False), help="Expert counts for hybrid plan.")
+@click.option("--hardware-out", type=click.Path(dir_okay=False), help="Measured hardware YAML for hybrid plan.")
+def profile(model, shape, layers, experts, project_hardware, prompt_lens, batches, **opts):
+    """Measure prefill and decode, break a token's time down by component, calibrate the planner."""
+    from hybrid.profile import run_profile, shape_model, summary, table, write_outputs
+    from placement.hardware import load_hardware
+
+    if (model is None) == (shape is None):
+        raise click.UsageError("give MODEL or --shape kimi-k2")
+    outputs = {k: opts.pop(k) for k in ("json_out", "csv_out", "plot_out", "routing_out", "hardware_out")}
+    report = run_profile(model or shape_model(shape, layers, experts),
+                         prompt_lens=[int(n) for n in prompt_lens.split(",")],
+                         batches=[int(b) for b in batches.split(",")],
+                         full_model="kimi-k2-instruct-0905" if shape else None,
+                         project_to=load_hardware(project_hardware) if project_hardware else None, **opts)
+    Console().print(table(report))
+    for line in summary(report):
+        err.print(line)
+    write_outputs(report, **outputs)
+
+
 def parse_prompt(prompt, prompt_ids, tokenizer) -> list[int]:
     if (prompt is None) == (prompt_ids is None):
         raise click.UsageError("give exactly one of --prompt and --prompt-ids")

@@ -70,8 +70,13 @@ def prompt_ids(vocab: int, batch: int, length: int, seed: int = 0) -> torch.Tens
     return torch.randint(0, min(vocab, 256), (batch, length), generator=torch.Generator().manual_seed(seed))
 
 
+def cpu_kernels_of(model) -> list:
+    """The cpu_kernels.MoEExperts objects of the model's layers (their `busy_s` counts kernel time)."""
+    return [layer.mlp.experts.cpu for layer in model.model.layers if hasattr(getattr(layer.mlp, "experts", None), "cpu")]
+
+
 def one_repeat(model, ids: torch.Tensor, n_gen: int, counter: RoutingCounter | None):
-    """Prefill then n_gen greedy decode steps; returns (prefill_s, decode wall s, recorder, expert bytes)."""
+    """Prefill then n_gen greedy decode steps; returns (prefill_s, decode wall s, timeline s, recorder, busy s)."""
     B, T = ids.shape
     cache = new_cache(model, T + n_gen, batch=B)
     chunk = model.prefill_chunk or 256
@@ -85,6 +90,8 @@ def one_repeat(model, ids: torch.Tensor, n_gen: int, counter: RoutingCounter | N
     tokens = torch.tensor([[sample(logits[b, -1], params)] for b in range(B)])
     if counter is not None:
         counter.step_unique = []
+    kernels = cpu_kernels_of(model)
+    busy0 = sum(k.busy_s for k in kernels)
     rec.start()
     t0 = time.perf_counter()
     try:
@@ -96,7 +103,7 @@ def one_repeat(model, ids: torch.Tensor, n_gen: int, counter: RoutingCounter | N
     finally:
         model.set_recorder(NULL_RECORDER)
     wall = time.perf_counter() - t0
-    return prefill_s, wall, timeline, rec
+    return prefill_s, wall, timeline, rec, sum(k.busy_s for k in kernels) - busy0
 
 
 def profile_run(model, prompt_len: int, n_gen: int, batch: int = 1, repeat: int = 3,
@@ -106,13 +113,13 @@ def profile_run(model, prompt_len: int, n_gen: int, batch: int = 1, repeat: int 
     one_repeat(model, ids, min(n_gen, 2), None)  # warm-up: kernels compiled, caches touched
     runs = []
     for _ in range(repeat):
-        prefill_s, wall, timeline, rec = one_repeat(model, ids, n_gen, counter)
+        prefill_s, wall, timeline, rec, busy = one_repeat(model, ids, n_gen, counter)
         streamed = 0
         if counter is not None:  # the decode steps' distinct experts (prefill hooks ran before reset)
             streamed = sum(u for _, u in counter.step_unique) * expert_bytes
-        runs.append((prefill_s, wall, timeline, rec, streamed))
+        runs.append((prefill_s, wall, timeline, rec, streamed, busy))
     best = min(runs, key=lambda r: r[1])
-    prefill_s, wall, timeline, rec, streamed = best
+    prefill_s, wall, timeline, rec, streamed, busy = best
     per_token = {k: v / n_gen for k, v in rec.by_component().items()}
     decode = [batch * n_gen / r[1] for r in runs]
     prompt = [batch * prompt_len / r[0] for r in runs]
@@ -126,4 +133,44 @@ def profile_run(model, prompt_len: int, n_gen: int, batch: int = 1, repeat: int 
         "per_layer_s": {str(k): {c: v / n_gen for c, v in d.items()} for k, d in rec.by_layer().items()},
         "coverage": timeline / wall,
         "expert_bytes_per_token": streamed / n_gen / batch if n_gen else 0,
+        "cpu_experts_busy_s": busy / n_gen,  # kernel time per step, concurrent with the components above
     }
+
+
+def calibrated_hardware(hw, probe_gbps: float, result: dict, n_layers: int, kernel_gbps: float | None):
+    """This machine as measured: read bandwidth from the probe, the expert kernels' share of it, and the fixed
+    per-layer cost (Python and launches: what the timeline calls `other`, plus routing and hand-off)."""
+    from dataclasses import replace
+
+    c = result["components_s"]
+    fixed = c["other"] + c["router"] + c["routed_submit"] + c["transfers"] + c["sampling"] + c["embedding"]
+    changes = {"ram_bandwidth_gbps": round(probe_gbps, 2), "layer_overhead_us": round(1e6 * fixed / n_layers, 1),
+               "source": f"measured by hybrid profile ({hw.source})", "notes": ()}
+    if kernel_gbps:
+        changes["cpu_kernel_efficiency"] = round(min(kernel_gbps / probe_gbps, 1.0), 3)
+    return replace(hw, **changes)
+
+
+def full_size_projection(cfg_small, cfg_full, result: dict) -> dict:
+    """Decode and prefill time of the full model from a measured few-layer model of the same widths: each
+    per-layer component measured on the small model, times the full model's count of such layers; the
+    embedding, lm_head and sampling scaled by the vocabulary."""
+    per_layer = result["per_layer_s"]
+    moe = [v for k, v in per_layer.items() if cfg_small.is_moe_layer(int(k))]
+    dense = [v for k, v in per_layer.items() if not cfg_small.is_moe_layer(int(k))]
+
+    def mean(rows, key):
+        return sum(r.get(key, 0.0) for r in rows) / max(len(rows), 1)
+
+    n_moe_full = cfg_full.num_hidden_layers - cfg_full.first_k_dense_replace
+    attn = mean(moe + dense, "attention")
+    moe_parts = sum(mean(moe, k) for k in ("router", "routed_submit", "shared_expert", "routed_wait", "transfers"))
+    c = result["components_s"]
+    vocab = cfg_full.vocab_size / cfg_small.vocab_size
+    other_per_layer = c["other"] / cfg_small.num_hidden_layers
+    decode_s = (cfg_full.num_hidden_layers * (attn + other_per_layer) + n_moe_full * moe_parts
+                + cfg_full.first_k_dense_replace * mean(dense, "dense_mlp")
+                + (c["lm_head"] + c["sampling"]) * vocab + c["embedding"])
+    prefill_scale = decode_s / result["token_s"]
+    return {"decode_tps": 1 / decode_s, "prefill_tps": result["prompt_tps"] / prefill_scale,
+            "decode_s_per_token": decode_s, "layers": cfg_full.num_hidden_layers, "moe_layers": n_moe_full}
