@@ -19,7 +19,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from cpu_kernels.bench import read_bandwidth_gbps
+from cpu_kernels.bench import BandwidthProbe
 from cpu_kernels.threads import physical_cores
 from hybrid.checkpoint import Checkpoint
 from hybrid.convert import convert
@@ -96,7 +96,7 @@ def main(argv=None):
     convert(ckpt_dir, store_dir, "int4")
     threads = physical_cores()
     torch.set_num_threads(threads)
-    bw = read_bandwidth_gbps(threads)
+    bw = BandwidthProbe().gbps(threads)
     cfg = Checkpoint.open(ckpt_dir).config
     hw = replace(detect(), ram_bandwidth_gbps=bw, notes=())
     result = make_plan(cfg, str(ckpt_dir), hw, PlanRequest(context_length=1024, expert_format="int4"))
