@@ -178,13 +178,13 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(Hh * cfg.v_head_dim, H, bias=False)
 
     def forward(self, x, cos, sin, mask, cache=None):
-        """x [B, T, H]; cos/sin [T, P/2]; mask [T, S] bool (True = hidden) -> [B, T, H]."""
+        """x [B, T, H]; cos/sin [B, T, P/2]; mask [B, T, S] bool (True = hidden) -> [B, T, H]."""
         cfg = self.cfg
         B, T, _ = x.shape
         Hh, N, R = cfg.num_attention_heads, cfg.qk_nope_head_dim, cfg.kv_lora_rank
         q = self.q_proj(x) if cfg.q_lora_rank is None else self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
         q_nope, q_pe = q.view(B, T, Hh, cfg.qk_head_dim).split([N, cfg.qk_rope_head_dim], dim=-1)
-        q_pe = apply_rope(q_pe, cos[:, None], sin[:, None])
+        q_pe = apply_rope(q_pe, cos[:, :, None], sin[:, :, None])
         kv = self.kv_a_proj_with_mqa(x)
         latent = self.kv_a_layernorm(kv[..., :R])
         k_pe = apply_rope(kv[..., R:], cos, sin)
@@ -194,7 +194,7 @@ class Attention(nn.Module):
         w = dense_weight(self.kv_b_proj, x.dtype).view(Hh, N + cfg.v_head_dim, R)
         q_lat = torch.einsum("bthn,hnr->bthr", q_nope, w[:, :N])  # absorb the key half of kv_b into q
         scores = torch.einsum("bthr,bsr->bths", q_lat, latent) + torch.einsum("bthp,bsp->bths", q_pe, k_pe)
-        scores = (scores.float() * cfg.softmax_scale).masked_fill(mask[None, :, None, :], float("-inf"))
+        scores = (scores.float() * cfg.softmax_scale).masked_fill(mask[:, :, None, :], float("-inf"))
         probs = scores.softmax(dim=-1).to(x.dtype)
         o_lat = torch.einsum("bths,bsr->bthr", probs, latent)
         out = torch.einsum("bthr,hvr->bthv", o_lat, w[:, N:])  # and the value half into the output

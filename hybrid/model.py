@@ -79,31 +79,35 @@ class DeepseekV3ForCausalLM(nn.Module):
                 layer.mlp.n_defer, layer.mlp.carry = n_defer, self.deferred
 
     @torch.inference_mode()
-    def forward(self, ids: torch.Tensor, cache=None, last_only: bool = False) -> torch.Tensor:
+    def forward(self, ids: torch.Tensor, cache=None, last_only: bool = False, slots=None) -> torch.Tensor:
         """ids [B, T] int64 -> logits float32 [B, T, vocab] ([B, 1, vocab] with last_only).
 
-        With a cache, the T tokens continue the cached ones and are appended to it; without one, they are a
-        whole sequence starting at position 0.
+        With a cache, row b continues the sequence in cache slot slots[b] (default: slot b) and is appended to
+        it; without one, each row is a whole sequence starting at position 0.
         """
         B, T = ids.shape
-        start = 0
-        if cache is not None:
-            cache.check_room(T)
-            start = cache.length
         embed, main = self.model.embed_tokens.weight.device, self.model.norm.weight.device
+        if cache is not None:
+            slots = list(range(B)) if slots is None else list(slots)
+            cache.begin(slots, T)
+            starts = torch.tensor(cache.starts(slots, T), device=main)
+        else:
+            starts = torch.zeros(B, dtype=torch.long, device=main)
         with self.rec.section("embedding"):
             # A plan may keep the embedding table on the CPU: one row per token is all that crosses.
             x = self.model.embed_tokens(ids.to(embed)).to(main)
-        positions = torch.arange(start, start + T, device=main)
-        cos, sin = self.rope.cos_sin(positions, x.dtype)
-        mask = torch.arange(start + T, device=main)[None, :] > positions[:, None]  # [T, S] causal
+        positions = starts[:, None] + torch.arange(T, device=main)[None, :]  # [B, T]
+        cos, sin = self.rope.cos_sin(positions.flatten(), x.dtype)
+        cos, sin = cos.view(B, T, -1), sin.view(B, T, -1)
+        end = int(starts.max()) + T
+        mask = torch.arange(end, device=main)[None, None, :] > positions[:, :, None]  # [B, T, S] causal
         for layer in self.model.layers:
             x = layer(x, cos, sin, mask, cache)
         late = self.deferred.take() if self.deferred is not None else None
         if late is not None:  # the last MoE layer's deferred experts
             x = x + late.view_as(x).to(x.dtype)
         if cache is not None:
-            cache.advance(T)
+            cache.advance()
         if last_only:
             x = x[:, -1:]
         with self.rec.section("lm_head"):

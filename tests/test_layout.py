@@ -15,7 +15,7 @@ LAYERS = {
     "hybrid.layers": 3, "hybrid.rope": 3, "hybrid.kv_cache": 3, "hybrid.experts": 3, "hybrid.model": 3,
     "hybrid.loader": 3, "hybrid.runtime": 3, "hybrid.timing": 3, "hybrid.profiling": 4,
     "hybrid.sampling": 4, "hybrid.generate": 4, "hybrid.tokenizer": 4, "hybrid.chat_template": 4,
-    "hybrid.streaming": 4,
+    "hybrid.streaming": 4, "hybrid.engine": 4,
     "hybrid.tools": 4,
     "hybrid.cli": 5, "hybrid.chat": 5, "hybrid.profile": 5, "hybrid.server": 5,
 }

@@ -1,0 +1,138 @@
+"""Continuous batching: one thread runs the model; requests join and leave between decode steps.
+
+Each active request owns a slot of one shared MLACache. A loop iteration admits waiting requests (each
+prefilled alone into its slot, chunked), then runs ONE decode forward for every active request together, so
+the CPU experts stream each expert's weights once for all of them. A request's tokens go to its `sink` as
+Steps (token, finish_reason, text) from the engine thread; `cancel()` (a client that went away) frees the
+slot at the next iteration.
+"""
+
+import queue
+import threading
+from dataclasses import dataclass, field
+
+import torch
+
+from hybrid.errors import GenerationError
+from hybrid.generate import Step, check_prompt, device_of, new_cache, should_stop
+from hybrid.sampling import SamplingParams, sample
+from hybrid.streaming import TextStream
+
+
+@dataclass
+class Request:
+    ids: list[int]
+    params: SamplingParams
+    sink: object  # callable(Step); called from the engine thread
+    stop_ids: frozenset = frozenset()
+    stop_strings: tuple = ()
+    cancelled: bool = False
+    # filled by the engine
+    slot: int | None = None
+    generated: list = field(default_factory=list)
+    text: TextStream | None = None
+    generator: torch.Generator | None = None
+    logits: torch.Tensor | None = None
+
+    def cancel(self):
+        self.cancelled = True
+
+
+class Engine:
+    def __init__(self, model, tokenizer=None, max_batch: int = 8, max_context: int | None = None):
+        self.model, self.tokenizer, self.max_batch = model, tokenizer, max_batch
+        limit = model.max_context or model.config.max_position_embeddings
+        self.max_context = min(max_context or limit, limit)
+        self.cache = new_cache(model, self.max_context, batch=max_batch)
+        self.waiting: queue.Queue[Request] = queue.Queue()
+        self.active: dict[int, Request] = {}
+        self._wake = threading.Event()
+        self._stop = False
+        self.steps = 0  # decode forwards run (for /metrics)
+        self.thread = threading.Thread(target=self._loop, name="hybrid-engine", daemon=True)
+        self.thread.start()
+
+    def submit(self, req: Request) -> Request:
+        """Queue a request (validated here, so a bad one fails in the caller's thread)."""
+        check_prompt(self.model, req.ids)
+        if len(req.ids) + req.params.max_new_tokens > self.max_context:
+            raise GenerationError(f"context overflow: {len(req.ids)} prompt + {req.params.max_new_tokens} new tokens "
+                                  f"exceed the engine's {self.max_context} positions")
+        self.waiting.put(req)
+        self._wake.set()
+        return req
+
+    @property
+    def queue_depth(self) -> int:
+        return self.waiting.qsize()
+
+    def close(self):
+        self._stop = True
+        self._wake.set()
+        self.thread.join(timeout=10)
+
+    def _loop(self):
+        while not self._stop:
+            self._admit()
+            if not self.active:
+                self._wake.wait(0.05)
+                self._wake.clear()
+                continue
+            self._decode_step()
+
+    def _admit(self):
+        free = [s for s in range(self.max_batch) if s not in self.active]
+        while free and not self.waiting.empty():
+            req = self.waiting.get()
+            if req.cancelled:
+                continue
+            req.slot = free.pop(0)
+            self.cache.reset(req.slot)
+            req.generator = req.params.generator()
+            req.text = TextStream(self.tokenizer, req.stop_strings) if self.tokenizer is not None else None
+            try:
+                req.logits = self._prefill(req)
+            except Exception as e:  # a failing request ends alone; the engine goes on
+                req.sink(e)
+                continue
+            self.active[req.slot] = req
+            self._emit(req)
+
+    def _prefill(self, req: Request) -> torch.Tensor:
+        ids = torch.tensor([req.ids], device=device_of(self.model))
+        chunk = self.model.prefill_chunk or 256
+        for s in range(0, len(req.ids), chunk):
+            logits = self.model(ids[:, s:s + chunk], cache=self.cache, last_only=True, slots=[req.slot])
+        return logits[0, -1]
+
+    def _decode_step(self):
+        reqs = list(self.active.values())
+        tokens = torch.tensor([[r.generated[-1]] for r in reqs], device=device_of(self.model))
+        logits = self.model(tokens, cache=self.cache, slots=[r.slot for r in reqs])
+        self.steps += 1
+        for r, row in zip(reqs, logits[:, -1]):
+            r.logits = row
+            self._emit(r)
+
+    def _emit(self, req: Request):
+        """Sample the request's next token from req.logits, send it, and retire the request when it is done."""
+        if req.cancelled:
+            self._retire(req)
+            return
+        token = sample(req.logits, req.params, req.generator)
+        req.generated.append(token)
+        reason = should_stop(token, len(req.generated), req.params, req.stop_ids)
+        text = ""
+        if req.text is not None:
+            text = req.text.push(token) if token not in req.stop_ids else ""
+            if req.text.stopped:
+                reason = "stop"
+            elif reason:
+                text += req.text.flush()
+        req.sink(Step(token, reason, text))
+        if reason:
+            self._retire(req)
+
+    def _retire(self, req: Request):
+        self.active.pop(req.slot, None)
+        self.cache.reset(req.slot)
