@@ -1,0 +1,129 @@
+"""Anthropic wire format: /v1/messages, plain JSON or the event stream, mapped onto the same service.
+
+Temperature follows K2's model card for this API: the model runs at 0.6 x the requested temperature
+(Anthropic's default 1.0 becomes K2's recommended 0.6)."""
+
+import json
+import uuid
+
+from fastapi import APIRouter, Request
+from fastapi.responses import StreamingResponse
+
+from hybrid.server.schemas import AnthropicRequest
+from hybrid.server.service import ReplySplitter, ServeError, forced_prefix, tool_arguments
+from hybrid.tools import Text, ToolCall
+
+router = APIRouter()
+K2_TEMPERATURE_SCALE = 0.6
+STOP_REASONS = {"stop": "end_turn", "length": "max_tokens"}
+
+
+def _blocks_text(blocks) -> str:
+    if isinstance(blocks, str):
+        return blocks
+    return "".join(b.get("text", "") for b in blocks if b.get("type") == "text")
+
+
+def messages_of(req: AnthropicRequest) -> list[dict]:
+    out = [{"role": "system", "content": _blocks_text(req.system)}] if req.system else []
+    for m in req.messages:
+        if isinstance(m.content, str):
+            out.append({"role": m.role, "content": m.content})
+            continue
+        for b in m.content:
+            if b.get("type") == "tool_result":
+                out.append({"role": "tool", "tool_call_id": b.get("tool_use_id"),
+                            "content": _blocks_text(b.get("content", ""))})
+        calls = [{"id": b["id"], "type": "function",
+                  "function": {"name": b["name"], "arguments": json.dumps(b.get("input", {}), ensure_ascii=False)}}
+                 for b in m.content if b.get("type") == "tool_use"]
+        text = _blocks_text(m.content)
+        if text or calls:
+            msg = {"role": m.role, "content": text}
+            if calls:
+                msg["tool_calls"] = calls
+            out.append(msg)
+    return out
+
+
+def tools_of(req: AnthropicRequest):
+    if not req.tools:
+        return None
+    return [{"type": "function", "function": {"name": t["name"], "description": t.get("description", ""),
+                                              "parameters": t.get("input_schema", {})}} for t in req.tools]
+
+
+def choice_of(req: AnthropicRequest):
+    c = req.tool_choice or {}
+    kind = c.get("type", "auto")
+    if kind == "tool":
+        return {"type": "function", "function": {"name": c.get("name")}}
+    return {"any": "required", "none": "none"}.get(kind, "auto")
+
+
+@router.post("/v1/messages")
+async def messages(body: AnthropicRequest, request: Request):
+    svc = request.app.state.service
+    choice = choice_of(body)
+    tools = tools_of(body) if choice != "none" else None
+    prefix = forced_prefix(choice, tools)
+    ids = svc.prompt(messages_of(body), tools, prefix)
+    temperature = None if body.temperature is None else body.temperature * K2_TEMPERATURE_SCALE
+    params = svc.params(len(ids), temperature if temperature is not None else K2_TEMPERATURE_SCALE, body.top_p,
+                        body.max_tokens)
+    splitter = ReplySplitter(parse=bool(tools), prefix=prefix)
+    steps = svc.steps(ids, params, body.stop_sequences or [], request)
+    head = {"id": f"msg_{uuid.uuid4().hex[:24]}", "type": "message", "role": "assistant", "model": svc.name}
+    if body.stream:
+        return StreamingResponse(_events(steps, splitter, head, len(ids), body), media_type="text/event-stream")
+    n, reason = 0, "stop"
+    async for step in steps:
+        n += 1
+        splitter.push(step.text, final=bool(step.finish_reason))
+        reason = step.finish_reason or reason
+    out = splitter.outcome
+    content = [{"type": "text", "text": out.content}] if out.content or not out.tool_calls else []
+    content += [{"type": "tool_use", "id": c.id, "name": c.name, "input": tool_arguments(c)} for c in out.tool_calls]
+    return {**head, "content": content, "stop_reason": _stop_reason(reason, out.tool_calls),
+            "stop_sequence": None, "usage": {"input_tokens": len(ids), "output_tokens": n}}
+
+
+def _stop_reason(reason, calls) -> str:
+    if calls:
+        return "tool_use"
+    return STOP_REASONS.get(reason, "end_turn")
+
+
+def _event(kind: str, data: dict) -> str:
+    return f"event: {kind}\ndata: {json.dumps({'type': kind, **data}, ensure_ascii=False)}\n\n"
+
+
+async def _events(steps, splitter, head, n_prompt, body):
+    yield _event("message_start", {"message": {**head, "content": [], "stop_reason": None, "stop_sequence": None,
+                                               "usage": {"input_tokens": n_prompt, "output_tokens": 0}}})
+    index, text_open, n, reason = 0, False, 0, "stop"
+    async for step in steps:
+        n += 1
+        reason = step.finish_reason or reason
+        for e in splitter.push(step.text, final=bool(step.finish_reason)):
+            if isinstance(e, Text) and e.text:
+                if not text_open:
+                    yield _event("content_block_start", {"index": index, "content_block": {"type": "text", "text": ""}})
+                    text_open = True
+                yield _event("content_block_delta", {"index": index, "delta": {"type": "text_delta", "text": e.text}})
+            elif isinstance(e, ToolCall):
+                if text_open:
+                    yield _event("content_block_stop", {"index": index})
+                    index, text_open = index + 1, False
+                block = {"type": "tool_use", "id": e.id, "name": e.name, "input": {}}
+                yield _event("content_block_start", {"index": index, "content_block": block})
+                yield _event("content_block_delta", {"index": index, "delta": {
+                    "type": "input_json_delta", "partial_json": json.dumps(tool_arguments(e))}})
+                yield _event("content_block_stop", {"index": index})
+                index += 1
+    if text_open:
+        yield _event("content_block_stop", {"index": index})
+    stop = _stop_reason(reason, splitter.outcome.tool_calls)
+    yield _event("message_delta", {"delta": {"stop_reason": stop, "stop_sequence": None},
+                                   "usage": {"output_tokens": n}})
+    yield _event("message_stop", {})

@@ -1,0 +1,136 @@
+"""OpenAI wire format: /v1/models, /v1/chat/completions and /v1/completions, plain JSON or SSE chunks."""
+
+import json
+import time
+import uuid
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from hybrid.server.schemas import ChatRequest, CompletionRequest
+from hybrid.server.service import ReplySplitter, ServeError, forced_prefix
+from hybrid.tools import Text, ToolCall
+
+router = APIRouter()
+
+
+def _text(content) -> str:
+    if content is None or isinstance(content, str):
+        return content or ""
+    return "".join(p.get("text", "") for p in content if isinstance(p, dict) and p.get("type", "text") == "text")
+
+
+def messages_of(req: ChatRequest) -> list[dict]:
+    out = []
+    for m in req.messages:
+        d = {"role": "system" if m.role == "developer" else m.role}
+        if m.role == "user" and isinstance(m.content, list):  # content parts: the template renders them
+            d["content"] = [p for p in m.content if isinstance(p, dict)]
+        else:
+            d["content"] = _text(m.content)
+        for key in ("name", "tool_calls", "tool_call_id"):
+            if getattr(m, key) is not None:
+                d[key] = getattr(m, key)
+        out.append(d)
+    return out
+
+
+def usage(prompt: int, completion: int) -> dict:
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+def sse(data) -> str:
+    return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
+
+
+@router.get("/v1/models")
+async def models(request: Request):
+    svc = request.app.state.service
+    return {"object": "list", "data": [{"id": svc.name, "object": "model", "created": svc.created,
+                                        "owned_by": "hybrid", "max_model_len": svc.max_context}]}
+
+
+@router.post("/v1/chat/completions")
+async def chat_completions(body: ChatRequest, request: Request):
+    svc = request.app.state.service
+    if body.n != 1:
+        raise ServeError(400, "only n=1 is supported", "n")
+    tools = body.tools if body.tool_choice != "none" else None
+    prefix = forced_prefix(body.tool_choice, tools)
+    ids = svc.prompt(messages_of(body), tools, prefix)
+    params = svc.params(len(ids), body.temperature, body.top_p, body.max_completion_tokens or body.max_tokens,
+                        body.seed)
+    stop = [body.stop] if isinstance(body.stop, str) else (body.stop or [])
+    splitter = ReplySplitter(parse=bool(tools), prefix=prefix)
+    head = {"id": f"chatcmpl-{uuid.uuid4().hex[:24]}", "created": int(time.time()), "model": svc.name}
+    steps = svc.steps(ids, params, stop, request)
+    if body.stream:
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        return StreamingResponse(_chat_chunks(steps, splitter, head, len(ids), include_usage),
+                                 media_type="text/event-stream")
+    n, reason = 0, "stop"
+    async for step in steps:
+        n += 1
+        splitter.push(step.text, final=bool(step.finish_reason))
+        reason = step.finish_reason or reason
+    out = splitter.outcome
+    message = {"role": "assistant", "content": out.content or (None if out.tool_calls else "")}
+    if out.tool_calls:
+        message["tool_calls"] = [c.openai() for c in out.tool_calls]
+        reason = "tool_calls"
+    return {**head, "object": "chat.completion", "choices": [{"index": 0, "message": message,
+                                                              "finish_reason": reason, "logprobs": None}],
+            "usage": usage(len(ids), n)}
+
+
+async def _chat_chunks(steps, splitter, head, n_prompt, include_usage):
+    def chunk(delta, finish=None):
+        return sse({**head, "object": "chat.completion.chunk",
+                    "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}]})
+
+    yield chunk({"role": "assistant", "content": ""})
+    n, reason, calls = 0, "stop", 0
+    async for step in steps:
+        n += 1
+        for event in splitter.push(step.text, final=bool(step.finish_reason)):
+            if isinstance(event, Text) and event.text:
+                yield chunk({"content": event.text})
+            elif isinstance(event, ToolCall):
+                yield chunk({"tool_calls": [{"index": calls, **event.openai()}]})
+                calls += 1
+        reason = step.finish_reason or reason
+    yield chunk({}, "tool_calls" if calls else reason)
+    if include_usage:
+        yield sse({**head, "object": "chat.completion.chunk", "choices": [], "usage": usage(n_prompt, n)})
+    yield "data: [DONE]\n\n"
+
+
+@router.post("/v1/completions")
+async def completions(body: CompletionRequest, request: Request):
+    svc = request.app.state.service
+    if body.n != 1:
+        raise ServeError(400, "only n=1 is supported", "n")
+    ids = body.prompt if isinstance(body.prompt, list) else svc.tokenizer.encode(body.prompt, allow_special=True)
+    params = svc.params(len(ids), body.temperature, body.top_p, body.max_tokens, body.seed)
+    stop = [body.stop] if isinstance(body.stop, str) else (body.stop or [])
+    head = {"id": f"cmpl-{uuid.uuid4().hex[:24]}", "object": "text_completion", "created": int(time.time()),
+            "model": svc.name}
+    steps = svc.steps(ids, params, stop, request)
+    if body.stream:
+        return StreamingResponse(_completion_chunks(steps, head, len(ids), body), media_type="text/event-stream")
+    text, n, reason = "", 0, "stop"
+    async for step in steps:
+        text, n, reason = text + step.text, n + 1, step.finish_reason or reason
+    return {**head, "choices": [{"index": 0, "text": text, "finish_reason": reason, "logprobs": None}],
+            "usage": usage(len(ids), n)}
+
+
+async def _completion_chunks(steps, head, n_prompt, body):
+    n = 0
+    async for step in steps:
+        n += 1
+        yield sse({**head, "choices": [{"index": 0, "text": step.text, "finish_reason": step.finish_reason,
+                                        "logprobs": None}]})
+    if body.stream_options and body.stream_options.include_usage:
+        yield sse({**head, "choices": [], "usage": usage(n_prompt, n)})
+    yield "data: [DONE]\n\n"
