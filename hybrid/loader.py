@@ -90,10 +90,11 @@ def _install_fp8(model, ckpt, name, device):
 
 def _install_cpu_experts(model, ckpt, plan, store, dtype):
     """Replace each MoE layer's TorchExperts by HybridExperts where the plan runs its experts on cpu_moe."""
-    from cpu_kernels import MoEExperts, parse_format
+    from cpu_kernels import KernelThreads, MoEExperts, parse_format
 
     cfg = ckpt.config
     store_layers = _store_layers(store, ckpt) if store is not None else {}
+    workers = {}  # one kernel worker (threads + scratch) per thread count, shared by the layers that run in turn
     for layer in cfg.moe_layers:
         rules = {e: plan.rule_for(names.expert_key(layer, e, "up_proj")) for e in range(cfg.n_routed_experts)}
         cpu_rules = [r for r in rules.values() if r is not None and r.kernel == "cpu_moe"]
@@ -103,13 +104,14 @@ def _install_cpu_experts(model, ckpt, plan, store, dtype):
             raise PlanError(f"{plan.source}: layer {layer} puts its CPU experts in several formats; one per layer")
         rule = cpu_rules[0]
         threads = int(rule.options.get("threads", plan.settings.cpu_threads))
+        worker = workers.setdefault(threads, KernelThreads(threads))
         fmt = parse_format(rule.format)
         if layer in store_layers:
-            cpu = MoEExperts.from_store(store_layers[layer], n_threads=threads)
+            cpu = MoEExperts.from_store(store_layers[layer], threads=worker)
             if cpu.fmt != fmt:
                 raise PlanError(f"{store_layers[layer]}: expert store holds {cpu.fmt}, the plan asks for {fmt}")
         else:
-            cpu = MoEExperts(_quantized_layer(ckpt, layer, fmt), n_threads=threads)
+            cpu = MoEExperts(_quantized_layer(ckpt, layer, fmt), threads=worker)
         with torch.device("meta"):
             gpu = {e: MLP(cfg.hidden_size, cfg.moe_intermediate_size)
                    for e, r in rules.items() if r is not None and r.kernel != "cpu_moe"}
