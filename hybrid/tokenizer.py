@@ -1,9 +1,16 @@
-"""K2's tokenizer: byte-level BPE ranks in `tiktoken.model` plus the special tokens of tokenizer_config.json.
+"""Tokenizers loaded from a checkpoint folder: K2's tiktoken BPE, or a Hugging Face `tokenizer.json`.
 
-`tiktoken.model` holds one `base64(bytes) rank` line per mergeable token (163,584 for K2). The 256 ids after
-the last rank are special slots: those named in `added_tokens_decoder` ([BOS], <|im_end|>, ...), the rest
-`<|reserved_token_N|>`. Pre-tokenization uses K2's pattern (Han runs kept whole, case-aware words, numbers
-in groups of at most three).
+K2 (`tiktoken.model` + tokenizer_config.json): one `base64(bytes) rank` line per mergeable token (163,584 for
+K2). The 256 ids after the last rank are special slots: those named in `added_tokens_decoder` ([BOS],
+<|im_end|>, ...), the rest `<|reserved_token_N|>`. Pre-tokenization uses K2's pattern (Han runs kept whole,
+case-aware words, numbers in groups of at most three).
+
+DeepSeek-V3/R1 (`tokenizer.json`): byte-level BPE run by the `tokenizers` package; its added tokens
+(<｜begin▁of▁sentence｜>, <｜User｜>, ...) are the special tokens.
+
+Both give the same interface: `encode`, `decode`, `token_bytes` (the raw bytes of one token, so streamed text
+never splits a UTF-8 character, see hybrid.streaming), `token_id` (a special token's id) and
+`special_tokens_map` (bos/eos/unk/pad strings from tokenizer_config.json, which chat templates read).
 """
 
 import base64
@@ -25,23 +32,57 @@ K2_PATTERN = "|".join([
     r"""\s+(?!\S)""",
     r"""\s+""",
 ])
+SPECIAL_TOKEN_KEYS = ("bos_token", "eos_token", "unk_token", "pad_token")
 
 
 class Tokenizer:
-    def __init__(self, encoding: tiktoken.Encoding, special: dict[str, int]):
-        self.encoding, self.special = encoding, special
+    """The common interface; `Tokenizer.from_folder` picks the backend the checkpoint ships."""
+
+    special: dict[str, int]  # special / added token text -> id
+    special_tokens_map: dict[str, str]  # bos_token, eos_token, ... -> token text (for chat templates)
 
     @classmethod
     def from_folder(cls, folder) -> "Tokenizer | None":
-        """The tokenizer shipped in a checkpoint folder, or None when the folder has none."""
+        """The tokenizer shipped in a checkpoint folder (tiktoken.model first, else tokenizer.json), or None
+        when the folder has neither."""
         folder = Path(folder)
-        model, cfg = folder / "tiktoken.model", folder / "tokenizer_config.json"
-        if not model.is_file():
-            return None
-        ranks = read_ranks(model)
-        special = special_tokens(cfg, len(ranks))
+        if (folder / "tiktoken.model").is_file():
+            return TiktokenTokenizer.load(folder)
+        if (folder / "tokenizer.json").is_file():
+            return JsonTokenizer.load(folder)
+        return None
+
+    @property
+    def n_vocab(self) -> int:
+        raise NotImplementedError
+
+    def encode(self, text: str, allow_special: bool = True) -> list[int]:
+        """Special tokens written in the text become their ids (as Hugging Face's apply_chat_template does
+        with a rendered prompt); with allow_special=False they are encoded as plain text."""
+        raise NotImplementedError
+
+    def decode(self, ids) -> str:
+        raise NotImplementedError
+
+    def token_bytes(self, token: int) -> bytes:
+        raise NotImplementedError
+
+    def token_id(self, text: str) -> int | None:
+        return self.special.get(text)
+
+
+class TiktokenTokenizer(Tokenizer):
+    def __init__(self, encoding: tiktoken.Encoding, special: dict[str, int], special_tokens_map=None):
+        self.encoding, self.special = encoding, special
+        self.special_tokens_map = special_tokens_map or {}
+
+    @classmethod
+    def load(cls, folder: Path) -> "TiktokenTokenizer":
+        ranks = read_ranks(folder / "tiktoken.model")
+        cfg = read_tokenizer_config(folder)
+        special = special_tokens(cfg, folder / "tokenizer_config.json", len(ranks))
         enc = tiktoken.Encoding(name=folder.name, pat_str=K2_PATTERN, mergeable_ranks=ranks, special_tokens=special)
-        return cls(enc, special)
+        return cls(enc, special, special_tokens_map(cfg))
 
     @property
     def n_vocab(self) -> int:
@@ -56,8 +97,69 @@ class Tokenizer:
     def token_bytes(self, token: int) -> bytes:
         return self.encoding.decode_single_token_bytes(token)
 
-    def token_id(self, text: str) -> int | None:
-        return self.special.get(text)
+
+class JsonTokenizer(Tokenizer):
+    """A Hugging Face tokenizer.json (DeepSeek-V3/R1) through the `tokenizers` package. Byte-level BPE vocab
+    entries are spelled in GPT-2's printable alphabet; `token_bytes` maps them back to raw bytes."""
+
+    def __init__(self, backend, special_tokens_map=None):
+        self.backend = backend
+        self.special = {t.content: i for i, t in backend.get_added_tokens_decoder().items()}
+        self._special_ids = set(self.special.values())
+        self.special_tokens_map = special_tokens_map or {}
+        self._byte_level = _uses_byte_level(backend)
+        self._from_alphabet = {c: b for b, c in byte_alphabet().items()}
+
+    @classmethod
+    def load(cls, folder: Path) -> "JsonTokenizer":
+        from tokenizers import Tokenizer as Backend
+
+        path = folder / "tokenizer.json"
+        try:
+            backend = Backend.from_file(str(path))
+        except Exception as e:  # the Rust side raises plain Exceptions with serde's message
+            raise ConfigError(f"{path}: not a tokenizers file ({e})") from None
+        return cls(backend, special_tokens_map(read_tokenizer_config(folder)))
+
+    @property
+    def n_vocab(self) -> int:
+        return self.backend.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, text: str, allow_special: bool = True) -> list[int]:
+        self.backend.encode_special_tokens = not allow_special
+        return self.backend.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids) -> str:
+        return self.backend.decode(list(ids), skip_special_tokens=False)
+
+    def token_bytes(self, token: int) -> bytes:
+        piece = self.backend.id_to_token(token)
+        if piece is None:
+            raise ValueError(f"token id {token} is outside the vocabulary (0..{self.n_vocab - 1})")
+        if token in self._special_ids:
+            return piece.encode()  # added tokens are stored as plain text
+        if not self._byte_level:
+            # Not the DeepSeek-V3 family's format: a token's decoded text is the best available answer.
+            return self.backend.decode([token]).encode()
+        return bytes(self._from_alphabet[c] for c in piece)
+
+
+def byte_alphabet() -> dict[int, str]:
+    """GPT-2's byte-level alphabet: every byte as one printable character, so BPE vocab entries are strings.
+    Printable Latin-1 bytes stand for themselves; the other 68 bytes map to 256, 257, ... in byte order."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    table, extra = {b: chr(b) for b in keep}, 0
+    for b in range(256):
+        if b not in table:
+            table[b] = chr(256 + extra)
+            extra += 1
+    return dict(sorted(table.items()))
+
+
+def _uses_byte_level(backend) -> bool:
+    decoder = json.loads(backend.to_str()).get("decoder") or {}
+    parts = decoder.get("decoders", [decoder]) if decoder.get("type") == "Sequence" else [decoder]
+    return any(d.get("type") == "ByteLevel" for d in parts)
 
 
 def read_ranks(path: Path) -> dict[bytes, int]:
@@ -73,13 +175,36 @@ def read_ranks(path: Path) -> dict[bytes, int]:
     return ranks
 
 
-def special_tokens(path: Path, n_ranks: int) -> dict[str, int]:
-    named = {}
-    if path.is_file():
-        try:
-            decoder = json.loads(path.read_text()).get("added_tokens_decoder", {})
-            named = {int(i): t["content"] for i, t in decoder.items()}
-        except (json.JSONDecodeError, ValueError, KeyError, TypeError, AttributeError):
-            raise ConfigError(f"{path}: 'added_tokens_decoder' must map ids to {{\"content\": ...}}") from None
+def read_tokenizer_config(folder: Path) -> dict:
+    path = Path(folder) / "tokenizer_config.json"
+    if not path.is_file():
+        return {}
+    try:
+        cfg = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(cfg, dict):
+        raise ConfigError(f"{path}: must hold a JSON object")
+    return cfg
+
+
+def special_tokens(cfg: dict, path: Path, n_ranks: int) -> dict[str, int]:
+    """K2's special slots n_ranks .. n_ranks+255: named ones from added_tokens_decoder, the rest reserved."""
+    try:
+        named = {int(i): t["content"] for i, t in cfg.get("added_tokens_decoder", {}).items()}
+    except (ValueError, KeyError, TypeError, AttributeError):
+        raise ConfigError(f"{path}: 'added_tokens_decoder' must map ids to {{\"content\": ...}}") from None
     ids = range(n_ranks, n_ranks + N_SPECIAL_SLOTS)
     return {named.get(i, f"<|reserved_token_{i}|>"): i for i in ids}
+
+
+def special_tokens_map(cfg: dict) -> dict[str, str]:
+    """bos_token etc. as strings; tokenizer_config.json writes each as a string or as {"content": ...}."""
+    out = {}
+    for key in SPECIAL_TOKEN_KEYS:
+        value = cfg.get(key)
+        if isinstance(value, dict):
+            value = value.get("content")
+        if isinstance(value, str):
+            out[key] = value
+    return out

@@ -16,7 +16,7 @@ LAYERS = {
     "hybrid.loader": 3, "hybrid.runtime": 3, "hybrid.timing": 3, "hybrid.profiling": 4,
     "hybrid.sampling": 4, "hybrid.generate": 4, "hybrid.tokenizer": 4, "hybrid.chat_template": 4,
     "hybrid.streaming": 4, "hybrid.engine": 4,
-    "hybrid.tools": 4,
+    "hybrid.tools": 4, "hybrid.conversation": 4, "hybrid.demo": 4,
     "hybrid.cli": 5, "hybrid.chat": 5, "hybrid.profile": 5, "hybrid.server": 5,
 }
 

@@ -1,9 +1,24 @@
-"""K2's real tokenizer files from ../shared/kimi-k2 through tiktoken."""
+"""K2's real tokenizer files from ../shared/kimi-k2 through tiktoken, checked against independent builds of the
+same files; DeepSeek-V3's tokenizer.json format through the tokenizers package."""
+
+import json
 
 import pytest
 
 from conftest import SHARED
-from hybrid.tokenizer import Tokenizer
+from hybrid.tokenizer import JsonTokenizer, Tokenizer, byte_alphabet
+
+CORPUS = [
+    "Hello, world! I'M here, don't you see? HTTPServer's URLs",
+    "你好，世界。机器学习是人工智能的一个分支。",
+    "日本語のテキスト、カタカナとひらがな。한국어 문장입니다. Русский текст. نص عربي. Ελληνικά. हिन्दी",
+    "def f(x):\n\treturn {'a': x ** 2}  # comment\n\n\nclass A:\n    pass\n",
+    "emoji 🚀🔥 family 👨‍👩‍👧 flags 🇫🇷🇯🇵 skin 👍🏽",
+    " " * 40 + "\n" * 7 + "\t" * 5 + "  x  \r\n\r\n   ",
+    "numbers 1234567890 3.14159 -42 1e10 ①②③ ٣٤٥",
+    "<|im_user|>user<|im_middle|>hi<|im_end|><|reserved_token_163600|>[EOS]",
+    "ünïcödé Ωμέγα ß ﬁ ℌ 𝔘𝔫𝔦𝔠𝔬𝔡𝔢",
+]
 
 
 @pytest.fixture(scope="module")
@@ -53,3 +68,124 @@ def test_stream_holds_back_a_stop_string_across_tokens(k2):
         if stream.stopped:
             break
     assert stream.stopped and out == "alpha beta" and stream.flush() == ""
+
+
+def test_allow_special_false_encodes_markers_as_text(k2):
+    ids = k2.encode("<|im_end|>", allow_special=False)
+    assert 163586 not in ids and len(ids) > 1 and k2.decode(ids) == "<|im_end|>"
+
+
+def test_same_as_an_independent_tiktoken_build(k2):
+    """tiktoken's own file loader and the special slots read here from tokenizer_config.json."""
+    import tiktoken
+    from tiktoken.load import load_tiktoken_bpe
+
+    from hybrid.tokenizer import K2_PATTERN
+
+    ranks = load_tiktoken_bpe(str(SHARED / "tiktoken.model"))
+    decoder = json.loads((SHARED / "tokenizer_config.json").read_text())["added_tokens_decoder"]
+    named = {int(i): t["content"] for i, t in decoder.items()}
+    special = {named.get(i, f"<|reserved_token_{i}|>"): i for i in range(len(ranks), len(ranks) + 256)}
+    ref = tiktoken.Encoding("k2-reference", pat_str=K2_PATTERN, mergeable_ranks=ranks, special_tokens=special)
+    assert len(ranks) == 163584 and ref.n_vocab == k2.n_vocab == 163840
+    for text in CORPUS:
+        assert k2.encode(text) == ref.encode(text, allowed_special="all"), text
+        assert k2.decode(k2.encode(text)) == text
+
+
+@pytest.fixture(scope="module")
+def k2_json(tmp_path_factory):
+    """K2's tiktoken.model turned into a tokenizer.json by transformers' converter: a different BPE and regex
+    engine (tokenizers, Oniguruma), the same vocabulary; loaded through our tokenizer.json path."""
+    from transformers.convert_slow_tokenizer import TikTokenConverter
+
+    from hybrid.tokenizer import K2_PATTERN
+
+    k2 = Tokenizer.from_folder(SHARED)
+    specials = sorted(k2.special, key=k2.special.get)
+    converted = TikTokenConverter(str(SHARED / "tiktoken.model"), pattern=K2_PATTERN,
+                                  extra_special_tokens=specials).converted()
+    folder = tmp_path_factory.mktemp("k2-json")
+    converted.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text((SHARED / "tokenizer_config.json").read_text())
+    return Tokenizer.from_folder(folder)
+
+
+@pytest.mark.parametrize("text", CORPUS)
+def test_same_as_the_tokenizers_implementation(k2, k2_json, text):
+    assert isinstance(k2_json, JsonTokenizer)
+    assert k2_json.encode(text) == k2.encode(text)
+    assert k2_json.decode(k2.encode(text)) == text
+
+
+def test_token_bytes_of_every_token_agree(k2, k2_json):
+    """The byte-level alphabet maps each of the 163,840 vocabulary entries back to tiktoken's raw bytes."""
+    assert k2_json.n_vocab == k2.n_vocab
+    assert all(k2_json.token_bytes(i) == k2.token_bytes(i) for i in range(k2.n_vocab))
+    assert k2_json.token_id("<|im_end|>") == 163586 and k2_json.special_tokens_map["eos_token"] == "[EOS]"
+
+
+def test_byte_alphabet_is_gpt2s():
+    table = byte_alphabet()
+    assert len(set(table.values())) == 256 and table[ord("A")] == "A" and table[0x20] == "Ġ" and table[0x0A] == "Ċ"
+
+
+DS_SPECIAL = ["<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<｜▁pad▁｜>"]
+DS_ADDED = ["<｜User｜>", "<｜Assistant｜>", "<｜tool▁calls▁begin｜>"]
+
+
+@pytest.fixture(scope="module")
+def deepseek_like(tmp_path_factory):
+    """A small tokenizer.json in DeepSeek-V3's format: byte-level BPE behind a Sequence of regex Splits (digits,
+    CJK runs, words/punctuation/whitespace), special tokens with fullwidth bars at ids 0-2, more added after."""
+    from tokenizers import Regex, decoders, models, pre_tokenizers, trainers
+    from tokenizers import Tokenizer as Backend
+
+    tok = Backend(models.BPE())
+    words = r"[!\"#$%&'()*+,\-./:;<=>?@\[\\\]^_`{|}~][A-Za-z]+|[^\r\n\p{L}\p{P}\p{S}]?[\p{L}\p{M}]+| ?[\p{P}\p{S}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(r"\p{N}{1,3}"), "isolated"),
+        pre_tokenizers.Split(Regex("[一-龥\u3040-ゟ゠-ヿ]+"), "isolated"),
+        pre_tokenizers.Split(Regex(words), "isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=600, special_tokens=DS_SPECIAL, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(CORPUS * 3, trainer)
+    tok.add_special_tokens(DS_ADDED)
+    folder = tmp_path_factory.mktemp("ds-like")
+    tok.save(str(folder / "tokenizer.json"))
+    cfg = {"bos_token": {"__type": "AddedToken", "content": DS_SPECIAL[0]}, "eos_token": {"content": DS_SPECIAL[1]},
+           "chat_template": "{{ bos_token }}{% for m in messages %}<｜User｜>{{ m['content'] }}{% endfor %}<｜Assistant｜>"}
+    (folder / "tokenizer_config.json").write_text(json.dumps(cfg, ensure_ascii=False))
+    return folder
+
+
+def test_deepseek_format_tokenizer_json(deepseek_like):
+    from hybrid.chat_template import load_chat_template
+    from hybrid.streaming import TextStream
+
+    tok = Tokenizer.from_folder(deepseek_like)
+    assert isinstance(tok, JsonTokenizer)
+    assert [tok.token_id(t) for t in DS_SPECIAL] == [0, 1, 2] and tok.token_id("<｜User｜>") is not None
+    assert tok.special_tokens_map == {"bos_token": DS_SPECIAL[0], "eos_token": DS_SPECIAL[1]}
+    prompt = load_chat_template(deepseek_like).render([{"role": "user", "content": "你好 🚀"}])
+    ids = tok.encode(prompt)
+    assert ids[0] == 0 and ids[1] == tok.token_id("<｜User｜>") and ids[-1] == tok.token_id("<｜Assistant｜>")
+    assert tok.decode(ids) == prompt
+    assert tok.encode("<｜User｜>", allow_special=False) != [tok.token_id("<｜User｜>")]
+    for text in CORPUS + ["never seen: ŝƥëçïāł 𝔘 \x00\x7f"]:
+        ids = tok.encode(text)
+        assert tok.decode(ids) == text
+        assert b"".join(tok.token_bytes(i) for i in ids) == text.encode()
+        stream = TextStream(tok)
+        pieces = [stream.push(i) for i in ids] + [stream.flush()]
+        assert "".join(pieces) == text and "\ufffd" not in "".join(pieces)
+
+
+def test_a_broken_tokenizer_json_is_one_clear_error(tmp_path):
+    from hybrid.errors import ConfigError
+
+    (tmp_path / "tokenizer.json").write_text("{}")
+    with pytest.raises(ConfigError, match="tokenizer.json"):
+        Tokenizer.from_folder(tmp_path)
