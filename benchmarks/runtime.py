@@ -11,6 +11,8 @@ the same run (cpu_kernels.bench's probe), so both columns describe this machine 
 
 import argparse
 import json
+import subprocess
+import sys
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -70,7 +72,8 @@ def prefill_tps(model, n, chunk):
 
 def overlap(model, layer=1):
     """One MoE layer at T=1: routed experts alone, shared expert alone, and the whole block (routed on the
-    CPU kernel threads while torch runs the shared expert)."""
+    CPU kernel threads while torch runs the shared expert). The block hides the shorter of the two only when
+    they run on different resources (a GPU; or, CPU-only, disjoint cores: see `disjoint` in main)."""
     moe = model.model.layers[layer].mlp
     x = torch.randn(1, 1, model.config.hidden_size, dtype=torch.bfloat16)
     flat = x.view(1, -1)
@@ -82,11 +85,30 @@ def overlap(model, layer=1):
             "sum_ms": 1e3 * (routed + shared), "overlap_saved_ms": 1e3 * (routed + shared - whole)}
 
 
+def measure_part(part, ckpt_dir, store_dir, plan, threads) -> dict:
+    """One configuration, in this process: 'main' (all cores to both pools), 'deferral' (one expert per token
+    deferred), 'disjoint' (half the cores to the kernels, half to torch, as a GPU would free the CPU)."""
+    half = max(threads // 2, 1)
+    settings = {"main": {}, "deferral": {"defer_experts": 1}, "disjoint": {"cpu_threads": half}}[part]
+    torch.set_num_threads(threads - half if part == "disjoint" else threads)
+    p = replace(plan, settings=replace(plan.settings, **settings),
+                rules=tuple(replace(r, options={}) for r in plan.rules))
+    model = load_model(ckpt_dir, plan=p, store=store_dir)
+    out = {"decode_tps": decode_tps(model)}
+    if part != "deferral":
+        out["overlap"] = overlap(model)
+    if part == "main":
+        out["prefill_tps_128"] = prefill_tps(model, 128, 128)
+    return out
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--work", default="/tmp/hybrid-k2w")
     ap.add_argument("--experts", type=int, default=32)
     ap.add_argument("--json")
+    ap.add_argument("--part", choices=["main", "deferral", "disjoint"], help=argparse.SUPPRESS)
+    ap.add_argument("--part-out", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     work = Path(args.work)
     ckpt_dir, store_dir = work / "ckpt", work / "store-int4"
@@ -95,24 +117,26 @@ def main(argv=None):
                                      **K2_WIDTHS), overwrite=True)
     convert(ckpt_dir, store_dir, "int4")
     threads = physical_cores()
-    torch.set_num_threads(threads)
-    bw = BandwidthProbe().gbps(threads)
+    bw = BandwidthProbe().gbps(threads) if not args.part else 1.0  # parts measure, the parent projects
     cfg = Checkpoint.open(ckpt_dir).config
     hw = replace(detect(), ram_bandwidth_gbps=bw, notes=())
     result = make_plan(cfg, str(ckpt_dir), hw, PlanRequest(context_length=1024, expert_format="int4"))
     plan = result.plan
+    if args.part:
+        Path(args.part_out).write_text(json.dumps(measure_part(args.part, ckpt_dir, store_dir, plan, threads)))
+        return None
     rows = {}
-    for defer in (0, 1):
-        p = replace(plan, settings=replace(plan.settings, defer_experts=defer))
-        model = load_model(ckpt_dir, plan=p, store=store_dir)
-        rows[defer] = {"decode_tps": decode_tps(model)}
-        if defer == 0:
-            rows[0]["prefill_tps_128"] = prefill_tps(model, 128, 128)
-            rows[0]["overlap"] = overlap(model)
-        del model
+    for part in ("disjoint", "main", "deferral"):  # each in a fresh process: torch's OpenMP pool, once
+        out_file = work / f"part-{part}.json"      # resized, keeps spinning and skews the next measurement
+        subprocess.run([sys.executable, __file__, "--work", str(work), "--experts", str(args.experts),
+                        "--part", part, "--part-out", str(out_file)], check=True)
+        rows[part] = json.loads(out_file.read_text())
+    rows[0] = rows["main"] | {"overlap_disjoint": rows["disjoint"]["overlap"]}
+    rows[1] = rows["deferral"]
     proj = result.projection
     out = {"read_bandwidth_gbps": bw, "threads": threads, "experts": args.experts,
            "measured": rows[0], "deferral_decode_tps": rows[1]["decode_tps"],
+           "disjoint_decode_tps": rows["disjoint"]["decode_tps"],
            "projected": {"decode_tps": proj.decode_tps, "prefill_tps": proj.prefill_tps,
                          "decode_ms": proj.decode_ms, "prefill_chunk": plan.settings.prefill_chunk}}
     report(out)
@@ -131,9 +155,10 @@ def report(out):
     t.add_row("prefill tok/s (128)", f"{m['prefill_tps_128']:.2f}", f"{p['prefill_tps']:.2f}",
               f"{m['prefill_tps_128'] / p['prefill_tps']:.2f}")
     t.add_row("decode tok/s, 1 expert deferred", f"{out['deferral_decode_tps']:.2f}", "", "")
-    o = m["overlap"]
-    t.add_row("MoE block ms (routed | shared | both)",
-              f"{o['routed_ms']:.1f} | {o['shared_ms']:.1f} | {o['block_ms']:.1f}", "", "")
+    for key, label in (("overlap", "all cores shared"), ("overlap_disjoint", "disjoint cores")):
+        o = m[key]
+        t.add_row(f"MoE block ms, {label} (routed | shared | both)",
+                  f"{o['routed_ms']:.1f} | {o['shared_ms']:.1f} | {o['block_ms']:.1f}", "", "")
     Console().print(t)
 
 
