@@ -195,6 +195,36 @@ def profile(model, shape, layers, experts, project_hardware, prompt_lens, batche
     write_outputs(report, **outputs)
 
 
+@cli.command()
+@click.argument("model", required=False, type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--demo", is_flag=True, help="Chat with a tiny random-weight K2-layout model (written on first use).")
+@click.option("--plan", "plan_file", type=click.Path(exists=True, dir_okay=False), help="Placement plan YAML.")
+@click.option("--store", type=click.Path(exists=True, file_okay=False), help="Expert store from `hybrid convert`.")
+@click.option("--system", help="System prompt (default: the chat template's own, K2: \"You are Kimi, ...\").")
+@click.option("--temperature", type=float, help="0 is greedy; default from generation_config.json (K2: 0.6).")
+@click.option("--max-new-tokens", type=int, help="Per reply (default: until the context is full; demo: 200).")
+@click.option("--seed", type=int)
+@click.option("--tools", "tools_file", type=click.Path(exists=True, dir_okay=False),
+              help="JSON list of OpenAI-style function declarations the model may call.")
+@click.option("--prompt", help="Send this one message, print the reply, and exit (scripts, tests).")
+def chat(model, demo, plan_file, store, tools_file, prompt, max_new_tokens, **settings):
+    """Chat with MODEL (a checkpoint folder) in the terminal; /help inside lists the commands."""
+    from hybrid.chat import run_chat
+    from hybrid.conversation import ChatSession
+
+    if demo == (model is not None):
+        raise click.UsageError("give a MODEL folder or --demo")
+    if demo:
+        from hybrid.demo import ensure_demo_model
+
+        model, max_new_tokens = ensure_demo_model(), max_new_tokens or 200
+        err.print(f"[dim]demo model: {escape(str(model))} (random weights: its replies are noise)[/dim]")
+    net, tokenizer = load_for_cli(model, plan_file, store)
+    session = ChatSession.open(model, net, tokenizer, tools_file=tools_file, max_new_tokens=max_new_tokens,
+                               **settings)
+    sys.exit(run_chat(session, err, prompt, banner=f"{model.name}: {session.cache.max_len} tokens of context"))
+
+
 def parse_prompt(prompt, prompt_ids, tokenizer) -> list[int]:
     if (prompt is None) == (prompt_ids is None):
         raise click.UsageError("give exactly one of --prompt and --prompt-ids")

@@ -127,13 +127,15 @@ def check_prompt(model, ids: list[int]):
 
 
 def generate(model, ids: list[int], params: SamplingParams, stop_ids=(), stats: Stats | None = None,
-             chunk: int | None = None, tokenizer=None, stop_strings=()) -> Iterator[Step]:
+             chunk: int | None = None, tokenizer=None, stop_strings=(), cache: MLACache | None = None) -> Iterator[Step]:
     """Yield generated tokens one by one as they are produced; the last Step carries the finish reason.
-    With a tokenizer each Step carries its new text, and a stop string ends generation (its text dropped)."""
+    With a tokenizer each Step carries its new text, and a stop string ends generation (its text dropped).
+    With a cache, ids continue the sequence already in its slot 0 (a chat's next turn); the caller leaves
+    room for max_new_tokens."""
     check_prompt(model, ids)
     stats = stats if stats is not None else Stats()
     stats.prompt_tokens = len(ids)
-    cache = new_cache(model, len(ids) + params.max_new_tokens)
+    cache = cache if cache is not None else new_cache(model, len(ids) + params.max_new_tokens)
     if params.max_new_tokens == 0:
         stats.finish_reason = "length"
         return
