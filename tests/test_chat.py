@@ -4,7 +4,6 @@ plain stdin, `hybrid chat` as a command, and a real terminal session through a p
 import io
 import json
 import os
-import re
 import string
 import subprocess
 import sys
@@ -60,6 +59,15 @@ def test_the_k2_template_is_used_when_the_checkpoint_has_none(k2_tiny, net):
     text = s.tokenizer.decode(s.prompt_ids())
     assert text.startswith("<|im_system|>system<|im_middle|>You are Kimi") and text.endswith(
         "<|im_user|>user<|im_middle|>Hi<|im_end|><|im_assistant|>assistant<|im_middle|>")
+
+
+def test_no_template_and_no_k2_markers_is_a_clear_error(tmp_path):
+    class NoMarkers:
+        def token_id(self, text):
+            return None
+
+    with pytest.raises(ConfigError, match="no chat template"):
+        conversation.chat_template_for(tmp_path, NoMarkers())
 
 
 def test_cancel_keeps_the_partial_reply_and_the_session(k2_tiny, net):
