@@ -53,6 +53,9 @@ def converse(session, console, read):
     """The model's reply, then as long as it calls tools: the results typed in, and its next reply."""
     while True:
         calls = reply(session, console)
+        if calls is None:  # the reply could not start (context full): leave no question unanswered
+            session.forget_unanswered()
+            return
         if not calls:
             return
         for call in calls:

@@ -85,6 +85,11 @@ class ChatSession:
     def add_tool_result(self, call: ToolCall, content: str):
         self.messages.append({"role": "tool", "tool_call_id": call.id, "name": call.name, "content": content})
 
+    def forget_unanswered(self):
+        """Drop trailing user and tool messages (a reply that could not start leaves them unanswered)."""
+        while self.messages and self.messages[-1]["role"] in ("user", "tool"):
+            self.messages.pop()
+
     def save(self, path) -> int:
         """Write the conversation as a JSON list of messages; returns how many."""
         Path(path).write_text(json.dumps(self.messages, indent=2, ensure_ascii=False) + "\n")

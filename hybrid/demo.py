@@ -17,6 +17,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from hybrid.chat_template import K2_TEMPLATE
+from hybrid.errors import ConfigError
 from hybrid.tiny import N_BYTE_RANKS, TinySpec, make_tiny
 
 DEMO_SPEC = TinySpec(layers=2, dense_layers=1, experts=8, top_k=2, max_position_embeddings=8192, seed=7)
@@ -37,10 +38,13 @@ def ensure_demo_model(folder=None) -> Path:
     want = {"version": DEMO_VERSION, "spec": asdict(DEMO_SPEC)}
     if stamp.is_file() and json.loads(stamp.read_text()) == want:
         return folder
-    make_tiny(folder, DEMO_SPEC, overwrite=True)
-    restrict_output(folder, READABLE + [IM_END])
-    shutil.copyfile(K2_TEMPLATE, folder / "chat_template.jinja")
-    stamp.write_text(json.dumps(want, indent=2) + "\n")  # last: a half-written folder is rebuilt next time
+    try:
+        make_tiny(folder, DEMO_SPEC, overwrite=True)
+        restrict_output(folder, READABLE + [IM_END])
+        shutil.copyfile(K2_TEMPLATE, folder / "chat_template.jinja")
+        stamp.write_text(json.dumps(want, indent=2) + "\n")  # last: a half-written folder is rebuilt next time
+    except OSError as e:
+        raise ConfigError(f"{folder}: cannot write the demo model there ({e}); set XDG_CACHE_HOME") from None
     return folder
 
 

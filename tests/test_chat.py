@@ -184,6 +184,16 @@ def test_front_end_on_plain_stdin(k2_tiny, net, tmp_path, monkeypatch, capsys):
     assert [m["role"] for m in saved] == ["system", "user", "assistant", "tool", "assistant"]
 
 
+def test_a_reply_that_cannot_start_leaves_no_unanswered_message(k2_tiny, net, monkeypatch):
+    from rich.console import Console
+
+    s = session(k2_tiny, net, context=40)
+    monkeypatch.setattr(sys, "stdin", io.StringIO("x" * 60 + "\n/exit\n"))
+    console = Console(file=io.StringIO(), width=200)
+    assert run_chat(s, console) == 0
+    assert "error: context full" in console.file.getvalue() and s.messages == []
+
+
 def test_one_prompt_turn_and_control_characters(k2_tiny, net, monkeypatch, capsys):
     from rich.console import Console
 
@@ -202,6 +212,9 @@ def test_demo_model_is_written_once(tmp_path):
     head = net.lm_head.weight
     assert net.config.max_position_embeddings == DEMO_SPEC.max_position_embeddings
     assert head[0x80:256].abs().sum() == 0 and head[ord("a")].abs().sum() > 0 and head[258].abs().sum() > 0
+    (tmp_path / "file").write_text("")
+    with pytest.raises(ConfigError, match="cannot write the demo model"):
+        ensure_demo_model(tmp_path / "file" / "demo")
 
 
 def test_chat_command(tmp_path):
