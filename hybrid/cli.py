@@ -225,6 +225,29 @@ def chat(model, demo, plan_file, store, tools_file, prompt, max_new_tokens, **se
     sys.exit(run_chat(session, err, prompt, banner=f"{model.name}: {session.cache.max_len} tokens of context"))
 
 
+@cli.command()
+@click.argument("model", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--plan", "plan_file", type=click.Path(exists=True, dir_okay=False))
+@click.option("--store", type=click.Path(exists=True, file_okay=False))
+@click.option("--host", default="127.0.0.1", show_default=True, help="Bind address (loopback unless you say so).")
+@click.option("--port", default=8000, show_default=True)
+@click.option("--api-key", envvar="HYBRID_API_KEY", help="Require Authorization: Bearer KEY on every route.")
+@click.option("--served-model-name", help="Model name the API reports (default: the folder's name).")
+@click.option("--max-concurrency", default=4, show_default=True, help="Requests decoded together.")
+@click.option("--max-context", type=int, help="Positions per request (default: the plan's or the model's).")
+def serve(model, plan_file, store, host, port, api_key, served_model_name, max_concurrency, max_context):
+    """Serve MODEL over the OpenAI and Anthropic HTTP APIs (chat, completions, messages, tools, streaming)."""
+    import uvicorn
+
+    from hybrid.server.app import create_app
+    from hybrid.server.service import load_service
+
+    service = load_service(model, plan_file, store, served_model_name, max_concurrency, max_context)
+    err.print(f"serving {service.name} on http://{host}:{port}/v1 ({max_concurrency} concurrent, "
+              f"context {service.max_context}{', API key required' if api_key else ''})")
+    uvicorn.run(create_app(service, api_key=api_key), host=host, port=port, log_level="warning")
+
+
 def parse_prompt(prompt, prompt_ids, tokenizer) -> list[int]:
     if (prompt is None) == (prompt_ids is None):
         raise click.UsageError("give exactly one of --prompt and --prompt-ids")

@@ -274,3 +274,33 @@ def test_health_and_metrics(server, client):
     values = dict(line.split() for line in text.splitlines() if not line.startswith("#"))
     assert int(values["hybrid_requests_total"]) > 0 and int(values["hybrid_generated_tokens_total"]) > 0
     assert "hybrid_queue_depth" in values and "hybrid_decode_tokens_per_second" in values
+
+
+def test_hybrid_serve_command(k2_tiny):
+    """The console command as a user starts it: a real process serving on a loopback port."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    sock.close()
+    proc = subprocess.Popen([str(Path(sys.executable).parent / "hybrid"), "serve", str(k2_tiny), "--port", str(port),
+                             "--served-model-name", "tiny", "--max-context", "512"], stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert proc.poll() is None, proc.stderr.read()
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models", timeout=2) as r:
+                    assert json.loads(r.read())["data"][0]["id"] == "tiny"
+                    break
+            except OSError:
+                assert time.monotonic() < deadline, "hybrid serve did not come up"
+                time.sleep(0.2)
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=30)
