@@ -65,9 +65,10 @@ def run_profile(folder, plan_file=None, store=None, prompt_lens=(128,), gen=16, 
     base = runs[0]
     busy = base["cpu_experts_busy_s"]
     kernel_gbps = base["expert_bytes_per_token"] * base["batch"] / busy / 1e9 if busy else None
-    measured_hw = calibrated_hardware(hw, probe, base, cfg.num_hidden_layers, kernel_gbps)
-    projected = evaluate(replace(plan, settings=replace(plan.settings, context_length=base["prompt_len"] + gen)),
-                         cfg, measured_hw).projection
+    short = replace(plan, settings=replace(plan.settings, context_length=base["prompt_len"] + gen))
+    torch_bytes = evaluate(short, cfg, hw).traffic.cpu_weight_bytes
+    measured_hw = calibrated_hardware(hw, probe, base, cfg.num_hidden_layers, kernel_gbps, torch_bytes)
+    projected = evaluate(short, cfg, measured_hw).projection
     report = {"model": str(folder), "plan": plan_file or "planned for this machine", "runs": runs,
               "routing": counter.to_json(str(folder)),
               "bandwidth": {"expert_bytes_per_token": base["expert_bytes_per_token"], "probe_gbps": probe,

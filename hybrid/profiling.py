@@ -137,9 +137,14 @@ def profile_run(model, prompt_len: int, n_gen: int, batch: int = 1, repeat: int 
     }
 
 
-def calibrated_hardware(hw, probe_gbps: float, result: dict, n_layers: int, kernel_gbps: float | None):
-    """This machine as measured: read bandwidth from the probe, the expert kernels' share of it, and the fixed
-    per-layer cost (Python and launches: what the timeline calls `other`, plus routing and hand-off)."""
+TORCH_PARTS = ("attention", "dense_mlp", "shared_expert", "lm_head")
+
+
+def calibrated_hardware(hw, probe_gbps: float, result: dict, n_layers: int, kernel_gbps: float | None,
+                        cpu_torch_bytes: int = 0):
+    """This machine as measured: read bandwidth from the probe, the expert kernels' share of it, CPU torch's
+    share of it on the non-expert weights (when they live on the CPU), and the fixed per-layer cost (Python
+    and launches: what the timeline calls `other`, plus routing and hand-off)."""
     from dataclasses import replace
 
     c = result["components_s"]
@@ -148,6 +153,9 @@ def calibrated_hardware(hw, probe_gbps: float, result: dict, n_layers: int, kern
                "source": f"measured by hybrid profile ({hw.source})", "notes": ()}
     if kernel_gbps:
         changes["cpu_kernel_efficiency"] = round(min(kernel_gbps / probe_gbps, 1.0), 3)
+    torch_s = sum(c[k] for k in TORCH_PARTS)
+    if cpu_torch_bytes and torch_s:
+        changes["cpu_torch_efficiency"] = round(min(cpu_torch_bytes / torch_s / 1e9 / probe_gbps, 1.0), 3)
     return replace(hw, **changes)
 
 

@@ -18,6 +18,7 @@ hardware YAML keys (all optional but gpu/ram when not detected):
   disk_read_gbps: 6          # for experts memory-mapped beyond RAM
   layer_overhead_us: 60      # fixed cost per layer per token (launches, sync, Python), measured by the profiler
   cpu_kernel_efficiency: 0.85  # share of ram bandwidth the expert kernels reach (cpu_kernels.bench)
+  cpu_torch_efficiency: 0.4    # share of it CPU torch reaches on bf16 projections (no-GPU plans)
 """
 
 import os
@@ -68,6 +69,7 @@ class Hardware:
     disk_read_gbps: float = 3.0
     layer_overhead_us: float = 60.0
     cpu_kernel_efficiency: float = 0.85
+    cpu_torch_efficiency: float = 0.4
     source: str = "flags"
     notes: tuple[str, ...] = field(default=())
 
@@ -149,7 +151,7 @@ def describe(gpu=None, gpu_memory=None, ram=None, memory=None, ram_bandwidth=Non
 
 HW_KEYS = {"gpu", "gpu_memory_gib", "ram_gib", "ram_available_gib", "memory", "ram_bandwidth_gbps", "cores",
            "numa_nodes", "cpu_features", "cpu_gflops", "disk_read_gbps", "layer_overhead_us",
-           "cpu_kernel_efficiency"}
+           "cpu_kernel_efficiency", "cpu_torch_efficiency"}
 
 
 def load_hardware(path) -> Hardware:
@@ -190,7 +192,8 @@ def _hardware_from_dict(raw: dict, source: str) -> Hardware:
         cpu_features=tuple(raw.get("cpu_features", ("avx2",))), ram_bandwidth_gbps=bw,
         cpu_gflops=float(raw.get("cpu_gflops", 0.0)), disk_read_gbps=float(raw.get("disk_read_gbps", 3.0)),
         layer_overhead_us=float(raw.get("layer_overhead_us", 60.0)),
-        cpu_kernel_efficiency=float(raw.get("cpu_kernel_efficiency", 0.85)), source=source)
+        cpu_kernel_efficiency=float(raw.get("cpu_kernel_efficiency", 0.85)),
+        cpu_torch_efficiency=float(raw.get("cpu_torch_efficiency", 0.4)), source=source)
 
 
 def hardware_to_dict(hw: Hardware) -> dict:
@@ -198,7 +201,7 @@ def hardware_to_dict(hw: Hardware) -> dict:
            "numa_nodes": hw.numa_nodes, "cpu_features": list(hw.cpu_features),
            "ram_bandwidth_gbps": round(hw.ram_bandwidth_gbps, 2), "cpu_gflops": round(hw.cpu_flops / 1e9, 1),
            "disk_read_gbps": hw.disk_read_gbps, "layer_overhead_us": hw.layer_overhead_us,
-           "cpu_kernel_efficiency": hw.cpu_kernel_efficiency}
+           "cpu_kernel_efficiency": hw.cpu_kernel_efficiency, "cpu_torch_efficiency": hw.cpu_torch_efficiency}
     if hw.gpu is not None:
         out["gpu"] = {"name": hw.gpu.name, "memory_gib": hw.gpu.memory_gib, "bandwidth_gbps": hw.gpu.bandwidth_gbps,
                       "bf16_tflops": hw.gpu.bf16_tflops, "pcie_gbps": hw.gpu.pcie_gbps}

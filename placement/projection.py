@@ -4,6 +4,7 @@ Decode (one token per sequence, `batch` sequences, context c):
     t_gpu    = (GPU weight bytes read + batch x c x cache bytes/token) / GPU bandwidth
     t_cpu    = batch-deduplicated expert bytes streamed from RAM / (RAM bandwidth x kernel efficiency x NUMA factor)
                + expert bytes that miss the page cache / disk bandwidth            (disk-backed experts only)
+               + non-expert weights on the CPU / (RAM bandwidth x torch efficiency)  (no-GPU plans only)
     t_shared = shared-expert bytes / GPU bandwidth      (runs while the CPU computes the routed experts)
     t_xfer   = MoE layers x 2 x (batch x H x 2 bytes / PCIe + PCIE_LATENCY_S)   (hidden states down, results up)
     t_token  = (t_gpu - t_shared) + max(t_cpu, t_shared) + t_xfer + layers x layer overhead
@@ -71,7 +72,7 @@ def project(cfg: ModelConfig, hw: Hardware, tr: Traffic, context: int, batch: in
     # decode
     experts_read = n_moe * unique_experts(E, K, batch) * cpu_share * tr.expert_bytes
     t_cpu = experts_read * tr.ram_hit_rate / cpu_bw + experts_read * (1 - tr.ram_hit_rate) / (hw.disk_read_gbps * 1e9)
-    t_cpu += tr.cpu_weight_bytes / cpu_bw
+    t_cpu += tr.cpu_weight_bytes / (hw.ram_bandwidth_gbps * 1e9 * hw.cpu_torch_efficiency)
     cache_read = batch * context * cfg.kv_cache_bytes_per_token
     if hw.gpu is not None:
         gpu_bw = hw.gpu.bandwidth_gbps * 1e9
