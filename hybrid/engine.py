@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import torch
 
 from hybrid.errors import GenerationError
-from hybrid.generate import Step, check_prompt, device_of, new_cache, should_stop
+from hybrid.generate import check_prompt, device_of, make_step, new_cache
 from hybrid.sampling import SamplingParams, sample
 from hybrid.streaming import TextStream
 
@@ -121,16 +121,9 @@ class Engine:
             return
         token = sample(req.logits, req.params, req.generator)
         req.generated.append(token)
-        reason = should_stop(token, len(req.generated), req.params, req.stop_ids)
-        text = ""
-        if req.text is not None:
-            text = req.text.push(token) if token not in req.stop_ids else ""
-            if req.text.stopped:
-                reason = "stop"
-            elif reason:
-                text += req.text.flush()
-        req.sink(Step(token, reason, text))
-        if reason:
+        step = make_step(token, len(req.generated), req.params, req.stop_ids, req.text)
+        req.sink(step)
+        if step.finish_reason:
             self._retire(req)
 
     def _retire(self, req: Request):

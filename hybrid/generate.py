@@ -119,6 +119,20 @@ def default_stop_ids(folder, model, tokenizer=None) -> set[int]:
     return ids
 
 
+def make_step(token: int, n_generated: int, params: SamplingParams, stop_ids, text: TextStream | None) -> Step:
+    """The Step for a freshly sampled token: its printable text, and why generation ends here, if it does
+    (a stop id, a stop string completed by this token's text, or max_new_tokens)."""
+    reason = should_stop(token, n_generated, params, stop_ids)
+    new_text = ""
+    if text is not None:
+        new_text = text.push(token) if token not in stop_ids else ""
+        if text.stopped:
+            reason = "stop"
+        elif reason:
+            new_text += text.flush()
+    return Step(token, reason, new_text)
+
+
 def check_prompt(model, ids: list[int]):
     vocab = model.config.vocab_size
     bad = [i for i in ids if not 0 <= i < vocab]
@@ -149,18 +163,11 @@ def generate(model, ids: list[int], params: SamplingParams, stop_ids=(), stats: 
         token = sample(logits, params, gen)
         stats.tokens.append(token)
         stats.generated_tokens += 1
-        reason = should_stop(token, stats.generated_tokens, params, stop_ids)
-        new_text = ""
-        if text is not None:
-            new_text = text.push(token) if token not in stop_ids else ""
-            if text.stopped:
-                reason = "stop"
-            elif reason:
-                new_text += text.flush()
+        step = make_step(token, stats.generated_tokens, params, stop_ids, text)
         stats.decode_s = time.perf_counter() - t0
-        stats.text += new_text
-        yield Step(token, reason, new_text)
-        if reason:
-            stats.finish_reason = reason
+        stats.text += step.text
+        yield step
+        if step.finish_reason:
+            stats.finish_reason = step.finish_reason
             return
         logits = decode_one(model, cache, token)
