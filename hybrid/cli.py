@@ -274,11 +274,9 @@ def load_for_cli(folder: Path, plan_file=None, store=None):
     ckpt = Checkpoint.open(folder)
     plan = None
     if plan_file:
-        from placement.plan_file import load_plan
-        from placement.plan import place_all
+        from placement.plan_file import load_checked_plan
 
-        plan = load_plan(plan_file)
-        place_all(plan, ckpt.config)  # every tensor placed, every kernel able to compute what it is given
+        plan = load_checked_plan(plan_file, ckpt.config)
     tokenizer = Tokenizer.from_folder(folder)
     with Progress(console=err, transient=True) as bar:
         task = bar.add_task("loading weights", total=len(ckpt.tensors))

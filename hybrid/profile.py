@@ -31,11 +31,11 @@ def shape_model(shape: str, layers: int, experts: int) -> Path:
 
 
 def plan_for(ckpt: Checkpoint, plan_file, hw):
-    from placement.plan_file import load_plan
+    from placement.plan_file import load_checked_plan
     from placement.planner import PlanRequest, make_plan
 
     if plan_file:
-        return load_plan(plan_file)
+        return load_checked_plan(plan_file, ckpt.config)
     return make_plan(ckpt.config, str(ckpt.folder), hw, PlanRequest(context_length=min(
         ckpt.config.max_position_embeddings, 8192))).plan
 

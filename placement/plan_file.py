@@ -38,7 +38,7 @@ from pathlib import Path
 import yaml
 
 from hybrid.errors import PlanError
-from placement.plan import BACKINGS, Plan, Rule, Settings, check_rule
+from placement.plan import BACKINGS, Plan, Rule, Settings, check_rule, place_all
 
 RULE_KEYS = {"match", "device", "format", "kernel", "options"}
 SETTING_TYPES = {f.name: f.type for f in fields(Settings)}
@@ -66,6 +66,14 @@ def load_plan(path) -> Plan:
     rules = tuple(_rule(node, path) for node in rules_node.value)
     model = _scalar(top["model"][1], path) if "model" in top else "?"
     return Plan(model=str(model), settings=settings, rules=rules, source=str(path))
+
+
+def load_checked_plan(path, cfg) -> Plan:
+    """A plan file, checked against the model it will run: every tensor placed by a rule whose kernel can
+    compute it. What the runtime front ends call before any weight is read."""
+    plan = load_plan(path)
+    place_all(plan, cfg)
+    return plan
 
 
 def _line(node) -> int:

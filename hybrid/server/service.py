@@ -184,11 +184,9 @@ def load_service(folder, plan_file=None, store=None, name=None, max_concurrency:
     ckpt = Checkpoint.open(folder)
     plan = None
     if plan_file:
-        from placement.plan import place_all
-        from placement.plan_file import load_plan
+        from placement.plan_file import load_checked_plan
 
-        plan = load_plan(plan_file)
-        place_all(plan, ckpt.config)
+        plan = load_checked_plan(plan_file, ckpt.config)
     tokenizer = Tokenizer.from_folder(folder)
     template = load_chat_template(folder)
     if template is None and ckpt.config.model_type == "kimi_k2":
