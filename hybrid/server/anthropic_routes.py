@@ -76,11 +76,7 @@ async def messages(body: AnthropicRequest, request: Request):
     head = {"id": f"msg_{uuid.uuid4().hex[:24]}", "type": "message", "role": "assistant", "model": svc.name}
     if body.stream:
         return StreamingResponse(_events(steps, splitter, head, len(ids), body), media_type="text/event-stream")
-    n, reason = 0, "stop"
-    async for step in steps:
-        n += 1
-        splitter.push(step.text, final=bool(step.finish_reason))
-        reason = step.finish_reason or reason
+    n, reason = await splitter.consume(steps)
     out = splitter.outcome
     content = [{"type": "text", "text": out.content}] if out.content or not out.tool_calls else []
     content += [{"type": "tool_use", "id": c.id, "name": c.name, "input": tool_arguments(c)} for c in out.tool_calls]

@@ -68,11 +68,7 @@ async def chat_completions(body: ChatRequest, request: Request):
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         return StreamingResponse(_chat_chunks(steps, splitter, head, len(ids), include_usage),
                                  media_type="text/event-stream")
-    n, reason = 0, "stop"
-    async for step in steps:
-        n += 1
-        splitter.push(step.text, final=bool(step.finish_reason))
-        reason = step.finish_reason or reason
+    n, reason = await splitter.consume(steps)
     out = splitter.outcome
     message = {"role": "assistant", "content": out.content or (None if out.tool_calls else "")}
     if out.tool_calls:

@@ -148,6 +148,15 @@ class ReplySplitter:
         if prefix and self.stream is not None:
             self.stream.push(prefix)
 
+    async def consume(self, steps) -> tuple[int, str]:
+        """Run a whole (non-streamed) reply through the splitter: (tokens generated, finish reason)."""
+        n, reason = 0, "stop"
+        async for step in steps:
+            n += 1
+            self.push(step.text, final=bool(step.finish_reason))
+            reason = step.finish_reason or reason
+        return n, reason
+
     def push(self, text: str, final: bool = False) -> list:
         if self.stream is None:
             events = [Text(text)] if text else []
