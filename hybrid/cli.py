@@ -248,6 +248,15 @@ def serve(model, plan_file, store, host, port, api_key, served_model_name, max_c
     uvicorn.run(create_app(service, api_key=api_key), host=host, port=port, log_level="warning")
 
 
+@cli.command(context_settings={"ignore_unknown_options": True, "help_option_names": []})
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+def bench(args):
+    """The CPU expert-kernel benchmark (python -m cpu_kernels.bench); see `hybrid bench --help`."""
+    from cpu_kernels.bench import main as run_bench
+
+    run_bench(list(args))
+
+
 def parse_prompt(prompt, prompt_ids, tokenizer) -> list[int]:
     if (prompt is None) == (prompt_ids is None):
         raise click.UsageError("give exactly one of --prompt and --prompt-ids")

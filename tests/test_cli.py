@@ -71,3 +71,8 @@ def test_plan_convert_generate(k2_tiny, tmp_path):
     assert len(json.loads(r.stdout)["generated_ids"]) == 4
     r = run("generate", k2_tiny, "--plan", plan, "--store", tmp_path, "--prompt-ids", "1", "--max-new-tokens", 1)
     assert r.returncode == 2 and "Traceback" not in r.stderr
+
+
+def test_bench_is_reachable_from_the_cli():
+    r = run("bench", "--help")
+    assert r.returncode == 0 and "--formats" in r.stdout
