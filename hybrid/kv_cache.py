@@ -42,9 +42,10 @@ class MLACache:
                                       f"cache's {self.max_len} positions")
         return [self.lengths[s] for s in slots]
 
-    def begin(self, slots, n_new: int):
-        """Set the rows of the coming forward: slots [B] each receiving n_new tokens."""
+    def begin(self, slots, n_new: int) -> list[int]:
+        """Set the rows of the coming forward: slots [B] each receiving n_new tokens; returns their starts."""
         self._rows = (list(slots), self.starts(slots, n_new), n_new)
+        return self._rows[1]
 
     def update(self, layer: int, latent: torch.Tensor, k_pe: torch.Tensor):
         """Write latent [B, T, R] and k_pe [B, T, P] at each slot's next positions; return latent [B, S, R] and

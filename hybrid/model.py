@@ -89,8 +89,7 @@ class DeepseekV3ForCausalLM(nn.Module):
         embed, main = self.model.embed_tokens.weight.device, self.model.norm.weight.device
         if cache is not None:
             slots = list(range(B)) if slots is None else list(slots)
-            cache.begin(slots, T)
-            starts = torch.tensor(cache.starts(slots, T), device=main)
+            starts = torch.tensor(cache.begin(slots, T), device=main)
         else:
             starts = torch.zeros(B, dtype=torch.long, device=main)
         with self.rec.section("embedding"):
