@@ -185,10 +185,10 @@ def load_service(folder, plan_file=None, store=None, name=None, max_concurrency:
     """Model, tokenizer and chat template of a checkpoint folder (K2's packaged template when it ships none)."""
     from pathlib import Path
 
-    from hybrid.chat_template import k2_template, load_chat_template
     from hybrid.checkpoint import Checkpoint
+    from hybrid.conversation import chat_template_for
     from hybrid.loader import load_model
-    from hybrid.tokenizer import Tokenizer, read_tokenizer_config, special_tokens_map
+    from hybrid.tokenizer import Tokenizer
 
     ckpt = Checkpoint.open(folder)
     plan = None
@@ -197,8 +197,8 @@ def load_service(folder, plan_file=None, store=None, name=None, max_concurrency:
 
         plan = load_checked_plan(plan_file, ckpt.config)
     tokenizer = Tokenizer.from_folder(folder)
-    template = load_chat_template(folder)
-    if template is None and ckpt.config.model_type == "kimi_k2":
-        template = k2_template(special_tokens_map(read_tokenizer_config(Path(folder))))
+    if tokenizer is None:
+        raise GenerationError(f"{folder}: serving needs the checkpoint's tokenizer (tiktoken.model or tokenizer.json)")
+    template = chat_template_for(folder, tokenizer)  # the same choice `hybrid chat` makes
     model = load_model(ckpt, plan=plan, store=store)
     return Service(model, tokenizer, template, folder, name or Path(folder).name, max_concurrency, max_context)
