@@ -7,7 +7,7 @@ import torch
 
 from hybrid.tiny import TinySpec, make_tiny
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "kimi-k2"
+K2_FILES = Path(__file__).resolve().parent / "data" / "kimi-k2"  # K2's real tokenizer, configs and templates (SOURCES.md)
 
 # K2's routing (one group, sigmoid + correction bias), block-FP8 weights, K2's beta_fast/beta_slow.
 K2_SPEC = TinySpec(layers=3, dense_layers=1, experts=16, top_k=4, seed=1)

@@ -6,13 +6,13 @@ import json
 
 import pytest
 
-from conftest import SHARED
+from conftest import K2_FILES
 from hybrid.chat_template import K2_TEMPLATE, ChatTemplate, load_chat_template
 from hybrid.errors import ConfigError, GenerationError
 from hybrid.tokenizer import Tokenizer
 
-T0711 = SHARED / "chat_template_0711_initial.jinja"
-T0905A, T0905B = SHARED / "chat_template_0905_variantA.jinja", SHARED / "chat_template_0905_variantB.jinja"
+T0711 = K2_FILES / "chat_template_0711_initial.jinja"
+T0905A, T0905B = K2_FILES / "chat_template_0905_variantA.jinja", K2_FILES / "chat_template_0905_variantB.jinja"
 
 TOOLS = [{"type": "function", "function": {
     "name": "get_weather", "description": "Weather of a city",
@@ -101,9 +101,9 @@ def test_the_0905_transcriptions_differ_only_where_read():
 
 
 def test_0711_template_file_is_tokenizer_configs():
-    cfg = json.loads((SHARED / "tokenizer_config.json").read_text())
+    cfg = json.loads((K2_FILES / "tokenizer_config.json").read_text())
     assert cfg["chat_template"] == T0711.read_text()
-    assert load_chat_template(SHARED).render([{"role": "user", "content": "Hi"}]) == EXPECTED_0711["plain"]
+    assert load_chat_template(K2_FILES).render([{"role": "user", "content": "Hi"}]) == EXPECTED_0711["plain"]
 
 
 @pytest.mark.parametrize("path", [T0711, T0905A, T0905B, K2_TEMPLATE])
@@ -125,7 +125,7 @@ def test_argument_objects_are_tojson_without_ascii_escapes():
 
 
 def test_rendered_markers_are_single_k2_tokens():
-    k2 = Tokenizer.from_folder(SHARED)
+    k2 = Tokenizer.from_folder(K2_FILES)
     ids = k2.encode(EXPECTED_0905["tool_result"])
     for marker, token in [("<|im_system|>", 163594), ("<|im_user|>", 163587), ("<|im_assistant|>", 163588),
                           ("<|im_middle|>", 163601), ("<|im_end|>", 163586), ("<|tool_calls_section_begin|>", 163595),

@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import SHARED
+from conftest import K2_FILES
 from hybrid import names
 from hybrid.checkpoint import Checkpoint, read_header
 from hybrid.config import load_config
@@ -54,8 +54,8 @@ def test_tiny_checkpoint_opens_with_k2_layout(k2_tiny):
 def k2_sized_sparse_checkpoint(folder):
     """K2-0905's real config with every tensor it implies, in 62 shards whose data are holes in sparse files:
     ~1 TB apparent size, a few MB on disk. Only a reader that reads headers alone can open it quickly."""
-    cfg = load_config(SHARED / "config_0905.reconstructed.json")
-    (folder / "config.json").write_text((SHARED / "config_0905.reconstructed.json").read_text())
+    cfg = load_config(K2_FILES / "config_0905.reconstructed.json")
+    (folder / "config.json").write_text((K2_FILES / "config_0905.reconstructed.json").read_text())
     shards = [{} for _ in range(62)]
     for name, shape in names.expected_tensors(cfg).items():
         layer = names.layer_of(name)

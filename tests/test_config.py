@@ -4,16 +4,16 @@ import json
 
 import pytest
 
-from conftest import SHARED
+from conftest import K2_FILES
 from hybrid.config import load_config
 from hybrid.errors import ConfigError
 
-K2_0905 = SHARED / "config_0905.reconstructed.json"
+K2_0905 = K2_FILES / "config_0905.reconstructed.json"
 
 
 def test_k2_configs_parse_with_their_real_values():
     for name, factor in (("config_0711.json", 32.0), ("config_0905.reconstructed.json", 64.0)):
-        cfg = load_config(SHARED / name)
+        cfg = load_config(K2_FILES / name)
         assert cfg.model_type == "kimi_k2"
         assert (cfg.hidden_size, cfg.num_hidden_layers, cfg.first_k_dense_replace) == (7168, 61, 1)
         assert (cfg.n_routed_experts, cfg.num_experts_per_tok, cfg.moe_intermediate_size) == (384, 8, 2048)

@@ -8,7 +8,7 @@ from hybrid.generate import Stats, generate, new_cache
 from hybrid.kv_cache import MLACache
 from hybrid.loader import load_model
 from hybrid.sampling import SamplingParams, sample
-from conftest import SHARED
+from conftest import K2_FILES
 from hybrid.config import load_config
 
 
@@ -57,6 +57,6 @@ def test_context_overflow_is_a_clear_error(k2_tiny):
 
 
 def test_k2_cache_costs_68_6_kib_per_token():
-    cfg = load_config(SHARED / "config_0905.reconstructed.json")
+    cfg = load_config(K2_FILES / "config_0905.reconstructed.json")
     cache = MLACache(cfg, max_len=1, device="meta", dtype=torch.bfloat16)
     assert cache.nbytes == cfg.kv_cache_bytes_per_token == (512 + 64) * 61 * 2

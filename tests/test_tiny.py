@@ -5,7 +5,7 @@ import json
 
 import torch
 
-from conftest import SHARED
+from conftest import K2_FILES
 from hybrid.checkpoint import Checkpoint
 from hybrid.generate import Stats, generate
 from hybrid.loader import load_model
@@ -40,13 +40,13 @@ def test_activations_stay_sane_through_many_layers(tmp_path):
 
 def test_k2_tokenizer_checkpoint(tmp_path):
     folder = make_tiny(tmp_path / "k2tok", TinySpec(layers=2, experts=4, top_k=2, hidden=64,
-                                                    tokenizer_from=str(SHARED)))
+                                                    tokenizer_from=str(K2_FILES)))
     cfg = json.loads((folder / "config.json").read_text())
     assert cfg["vocab_size"] == 163840 and (cfg["bos_token_id"], cfg["eos_token_id"]) == (163584, 163585)
     assert Checkpoint.open(folder).tensors["lm_head.weight"].shape == (163840, 64)
     tok = Tokenizer.from_folder(folder)
     ids = tok.encode("你好, K2")
-    assert ids == Tokenizer.from_folder(SHARED).encode("你好, K2")
+    assert ids == Tokenizer.from_folder(K2_FILES).encode("你好, K2")
     stats = Stats()
     list(generate(load_model(folder), ids, SamplingParams(max_new_tokens=3), stats=stats))
     assert len(stats.tokens) == 3 and all(0 <= t < 163840 for t in stats.tokens)

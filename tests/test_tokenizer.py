@@ -1,11 +1,11 @@
-"""K2's real tokenizer files from ../shared/kimi-k2 through tiktoken, checked against independent builds of the
+"""K2's real tokenizer files from tests/data/kimi-k2 through tiktoken, checked against independent builds of the
 same files; DeepSeek-V3's tokenizer.json format through the tokenizers package."""
 
 import json
 
 import pytest
 
-from conftest import SHARED
+from conftest import K2_FILES
 from hybrid.tokenizer import JsonTokenizer, Tokenizer, byte_alphabet
 
 CORPUS = [
@@ -23,7 +23,7 @@ CORPUS = [
 
 @pytest.fixture(scope="module")
 def k2():
-    return Tokenizer.from_folder(SHARED)
+    return Tokenizer.from_folder(K2_FILES)
 
 
 def test_special_token_ids(k2):
@@ -82,8 +82,8 @@ def test_same_as_an_independent_tiktoken_build(k2):
 
     from hybrid.tokenizer import K2_PATTERN
 
-    ranks = load_tiktoken_bpe(str(SHARED / "tiktoken.model"))
-    decoder = json.loads((SHARED / "tokenizer_config.json").read_text())["added_tokens_decoder"]
+    ranks = load_tiktoken_bpe(str(K2_FILES / "tiktoken.model"))
+    decoder = json.loads((K2_FILES / "tokenizer_config.json").read_text())["added_tokens_decoder"]
     named = {int(i): t["content"] for i, t in decoder.items()}
     special = {named.get(i, f"<|reserved_token_{i}|>"): i for i in range(len(ranks), len(ranks) + 256)}
     ref = tiktoken.Encoding("k2-reference", pat_str=K2_PATTERN, mergeable_ranks=ranks, special_tokens=special)
@@ -101,13 +101,13 @@ def k2_json(tmp_path_factory):
 
     from hybrid.tokenizer import K2_PATTERN
 
-    k2 = Tokenizer.from_folder(SHARED)
+    k2 = Tokenizer.from_folder(K2_FILES)
     specials = sorted(k2.special, key=k2.special.get)
-    converted = TikTokenConverter(str(SHARED / "tiktoken.model"), pattern=K2_PATTERN,
+    converted = TikTokenConverter(str(K2_FILES / "tiktoken.model"), pattern=K2_PATTERN,
                                   extra_special_tokens=specials).converted()
     folder = tmp_path_factory.mktemp("k2-json")
     converted.save(str(folder / "tokenizer.json"))
-    (folder / "tokenizer_config.json").write_text((SHARED / "tokenizer_config.json").read_text())
+    (folder / "tokenizer_config.json").write_text((K2_FILES / "tokenizer_config.json").read_text())
     return Tokenizer.from_folder(folder)
 
 

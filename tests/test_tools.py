@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from conftest import SHARED
+from conftest import K2_FILES
 from hybrid.errors import ConfigError
 from hybrid.tools import Text, ToolCall, ToolCallStream, Warn, collect, load_tools, parse_reply
 
@@ -141,7 +141,7 @@ def test_streamed_through_k2_tokens():
     from hybrid.streaming import TextStream
     from hybrid.tokenizer import Tokenizer
 
-    k2 = Tokenizer.from_folder(SHARED)
+    k2 = Tokenizer.from_folder(K2_FILES)
     ids = k2.encode(WITH_TEXT)
     assert k2.token_id(B) in ids and k2.token_id(CA) in ids
     text, s, events = TextStream(k2), ToolCallStream(), []
