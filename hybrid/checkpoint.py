@@ -10,6 +10,7 @@ safetensors layout (what `read_header` checks): 8-byte little-endian header leng
 """
 
 import json
+import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -167,10 +168,41 @@ class Checkpoint:
         return sum(i.nbytes for i in self.tensors.values())
 
 
+def contained(folder: Path, name, origin: str) -> Path:
+    """`folder / name`, if that file lies inside the checkpoint folder; else a one-line CheckpointError.
+
+    An index is downloaded data: unchecked, a weight_map value of '../../etc/passwd' or '/etc/passwd' would be
+    opened, and one naming a valid shard outside the folder would be loaded and run. `name` must be a relative
+    path that stays inside `folder`, and so must its target once resolved, so a symlink out is refused too.
+    The one exception is the Hugging Face hub cache (where a download without --local-dir lands): it keeps each
+    file once as models--ORG--NAME/blobs/HASH and lays a revision out as models--ORG--NAME/snapshots/REV/FILE,
+    a symlink to ../../blobs/HASH. So when `folder` is such a snapshots/REV folder, a target in that same
+    repository's blobs folder is allowed; nothing else outside. `origin` starts the error ("INDEX: tensor X
+    names shard"). Returns the unresolved path, so shard names (and the store's record of them) stay readable.
+    """
+    if not isinstance(name, str) or not name:
+        raise CheckpointError(f"{origin} {name!r}; expected a file name relative to the checkpoint folder")
+    lexical = os.path.normpath(name)
+    if os.path.isabs(name) or lexical == os.pardir or lexical.startswith(os.pardir + os.sep):
+        raise CheckpointError(f"{origin} {name!r}, which is outside the checkpoint folder")
+    path = folder / name
+    try:
+        root, target = folder.resolve(), path.resolve()
+    except (OSError, RuntimeError, ValueError) as e:  # a symlink loop, a NUL byte in the name
+        raise CheckpointError(f"{origin} {name!r}, which cannot be resolved ({e})") from None
+    if target.is_relative_to(root):
+        return path
+    hub_repo = root.parent.parent
+    if root.parent.name == "snapshots" and hub_repo.name.startswith("models--") \
+            and target.is_relative_to(hub_repo / "blobs"):
+        return path
+    raise CheckpointError(f"{origin} {name!r}, which is outside the checkpoint folder (it resolves to {target})")
+
+
 def _list_tensors(folder: Path) -> dict[str, TensorInfo]:
     index_path = folder / INDEX_FILE
     if not index_path.is_file():
-        single = folder / SINGLE_FILE
+        single = contained(folder, SINGLE_FILE, f"{folder}: shard")
         if not single.is_file():
             raise CheckpointError(f"{folder}: neither {INDEX_FILE} nor {SINGLE_FILE} found")
         return read_header(single)
@@ -180,9 +212,13 @@ def _list_tensors(folder: Path) -> dict[str, TensorInfo]:
             raise TypeError
     except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
         raise CheckpointError(f"{index_path}: not a safetensors index (needs a 'weight_map' object)") from None
+    paths = {}  # shard name as the index writes it -> its path, checked once per shard
+    for name, shard in weight_map.items():
+        if not isinstance(shard, str) or shard not in paths:
+            paths[shard] = contained(folder, shard, f"{index_path}: tensor {name} names shard")
     headers = {}
-    for shard in sorted(set(weight_map.values())):
-        path = folder / shard
+    for shard in sorted(paths):
+        path = paths[shard]
         if not path.is_file():
             raise CheckpointError(f"{path}: shard named by {INDEX_FILE} is missing")
         headers[shard] = read_header(path)

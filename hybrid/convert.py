@@ -26,6 +26,9 @@ hybrid_store.json:
                "moe_layers": [first, ..., last]},
      "layers": {"3": {"dir": "layer_003", "files": {"gate_proj.values.npy": {"bytes": N, "sha256": "..."}, ...}}}}
 
+Readers refuse a manifest whose layer entry names another "dir" than layer_NNN for its key, a file name that is
+not a plain name, or a path that resolves (through symlinks) outside the store folder.
+
 A layer is complete only when it is listed under "layers"; the entry is added after its layer store is closed
 (manifest.json written) and checksummed. `tail_sha256` hashes the last `FINGERPRINT_BYTES` of a shard: a cheap
 content fingerprint that tells apart two releases with equal shard sizes (K2-Instruct and K2-Instruct-0905)
@@ -209,7 +212,7 @@ def _open_or_start(out: Path, identity: dict) -> dict:
     """The manifest to continue from: the existing one if it describes the same conversion, else a new one."""
     path = out / STORE_MANIFEST
     if path.is_file():
-        manifest = _read_json(path)
+        manifest = _read_manifest(path)
         differences = _differences(manifest, identity)
         if differences:
             raise ConfigError(f"{path}: this folder holds a different expert store ({'; '.join(differences)}); "
@@ -284,14 +287,44 @@ def _write_json(path: Path, data: dict) -> None:
     os.replace(tmp, path)
 
 
-def _read_json(path: Path) -> dict:
+def _read_manifest(path: Path) -> dict:
+    """hybrid_store.json parsed, its layer entries checked (_check_layers): every reader comes through here."""
     try:
         data = json.loads(path.read_text())
         if not isinstance(data, dict) or not isinstance(data.get("layers"), dict):
             raise ValueError("expected an object with a 'layers' object")
     except (ValueError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{path}: not an expert store manifest ({e})") from None
+    _check_layers(path, data["layers"])
     return data
+
+
+def _check_layers(path: Path, layers: dict) -> None:
+    """Each entry names exactly what convert writes: dir layer_NNN, plain file names, and nothing that resolves
+    outside the store folder. The manifest is a file on disk like any other: unchecked, a 'dir' of '../elsewhere'
+    or a file '../../x' would be hashed and handed to the runtime, and resuming would delete outside the store."""
+    root = path.parent.resolve()
+    for key, entry in layers.items():
+        if not (key.isascii() and key.isdigit() and str(int(key)) == key):
+            raise CheckpointError(f"{path}: layer key {key!r} is not a layer number")
+        if not isinstance(entry, dict) or not isinstance(entry.get("files"), dict):
+            raise CheckpointError(f"{path}: layer {key}: expected an object {{'dir': ..., 'files': {{...}}}}")
+        want = layer_dir_name(int(key))
+        if entry.get("dir") != want:
+            raise CheckpointError(f"{path}: layer {key} names dir {entry.get('dir')!r}; expected {want!r}")
+        for name, f in entry["files"].items():
+            if name in ("", ".", "..") or "/" in name or os.sep in name:
+                raise CheckpointError(f"{path}: layer {key} names file {name!r}; expected a plain file name")
+            if not isinstance(f, dict) or type(f.get("bytes")) is not int:
+                raise CheckpointError(f"{path}: layer {key} file {name!r}: expected {{'bytes': N, 'sha256': ...}}")
+        for inside in (want, *(f"{want}/{name}" for name in entry["files"])):
+            try:
+                target = (path.parent / inside).resolve()
+            except (OSError, RuntimeError, ValueError) as e:  # a symlink loop, a NUL byte in the name
+                raise CheckpointError(f"{path}: layer {key} names {inside!r}, which cannot be resolved ({e})") from None
+            if not target.is_relative_to(root):
+                raise CheckpointError(f"{path}: layer {key} names {inside!r}, which resolves to {target}, "
+                                      f"outside the store folder")
 
 
 # ---- reading a store ---------------------------------------------------------------------------------------
@@ -302,7 +335,7 @@ def read_store_manifest(out_folder) -> dict:
     path = Path(out_folder) / STORE_MANIFEST
     if not path.is_file():
         raise CheckpointError(f"{path}: not found; {out_folder} is not an expert store (make one with hybrid convert)")
-    manifest = _read_json(path)
+    manifest = _read_manifest(path)
     if manifest.get("store_format_version") != STORE_FORMAT_VERSION:
         raise CheckpointError(f"{path}: store_format_version {manifest.get('store_format_version')!r}, "
                               f"this code reads {STORE_FORMAT_VERSION}")

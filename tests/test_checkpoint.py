@@ -1,6 +1,8 @@
 """The checkpoint reader: lazy listing, and one clear error per kind of damaged checkpoint."""
 
+import hashlib
 import json
+import os
 import struct
 import subprocess
 import sys
@@ -229,3 +231,91 @@ def test_cli_reports_a_bad_checkpoint_in_one_line(k2_copy):
     assert r.returncode == 2
     assert "Traceback" not in r.stderr and SHARD2 in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
+
+
+# ---- an index may only name files inside the checkpoint folder -------------------------------------------------
+
+INDEX = "model.safetensors.index.json"
+LAYERNORM = "model.layers.0.input_layernorm.weight"  # a tensor of SHARD2
+
+
+def point_index(folder, shard, value) -> str:
+    """Make every weight_map entry naming `shard` name `value` instead; returns the first tensor changed."""
+    index = json.loads((folder / INDEX).read_text())
+    index["weight_map"] = {k: value if v == shard else v for k, v in index["weight_map"].items()}
+    (folder / INDEX).write_text(json.dumps(index))
+    return next(k for k, v in index["weight_map"].items() if v == value)
+
+
+def move_out(path, to):
+    """Move a file to `to` (making its folder), leaving nothing at `path`; returns `to`."""
+    to.parent.mkdir(parents=True, exist_ok=True)
+    path.rename(to)
+    return to
+
+
+@pytest.mark.parametrize("shard", ["../../etc/passwd", "../" * 40 + "etc/passwd", "/etc/passwd",
+                                   "../outside/x.safetensors"])
+def test_index_naming_a_file_outside_the_folder_is_refused(k2_copy, shard):
+    # ../outside/x.safetensors is a valid shard, the one the index named before: an unchecked reader loads it
+    move_out(k2_copy / SHARD2, k2_copy.parent / "outside" / "x.safetensors")
+    tensor = point_index(k2_copy, SHARD2, shard)
+    assert error_of(k2_copy) == f"{k2_copy / INDEX}: tensor {tensor} names shard '{shard}', which is outside the " \
+                               f"checkpoint folder"
+
+
+@pytest.mark.parametrize("value", [7, None, ["a.safetensors"], ""])
+def test_index_naming_something_other_than_a_file_name_is_refused(k2_copy, value):
+    tensor = point_index(k2_copy, SHARD2, value)
+    want = f"{k2_copy / INDEX}: tensor {tensor} names shard {value!r}; expected a file name"
+    assert error_of(k2_copy).startswith(want)
+
+
+def test_shard_symlinked_outside_the_folder_is_refused(k2_copy):
+    target = move_out(k2_copy / SHARD2, k2_copy.parent / "elsewhere" / SHARD2)
+    (k2_copy / SHARD2).symlink_to(target)
+    msg = error_of(k2_copy)
+    assert f"names shard '{SHARD2}', which is outside the checkpoint folder (it resolves to {target})" in msg
+
+
+def test_shard_symlinked_inside_the_folder_opens(k2_copy, k2_tiny):
+    move_out(k2_copy / SHARD2, k2_copy / "weights" / SHARD2)
+    (k2_copy / SHARD2).symlink_to(f"weights/{SHARD2}")
+    assert torch.equal(Checkpoint.open(k2_copy).weight(LAYERNORM), Checkpoint.open(k2_tiny).weight(LAYERNORM))
+
+
+def hub_snapshot(checkpoint, cache):
+    """`checkpoint` laid out as huggingface_hub's cache does: every file once under models--o--n/blobs/HASH, and
+    models--o--n/snapshots/rev/NAME a relative symlink to ../../blobs/HASH. Returns the snapshot folder."""
+    repo = cache / "models--o--n"
+    snapshot = repo / "snapshots" / "rev"
+    for path in sorted(p for p in checkpoint.rglob("*") if p.is_file()):
+        data = path.read_bytes()
+        blob = repo / "blobs" / hashlib.sha256(data).hexdigest()
+        blob.parent.mkdir(parents=True, exist_ok=True)
+        blob.write_bytes(data)
+        link = snapshot / path.relative_to(checkpoint)
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(os.path.relpath(blob, link.parent))
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("rev")
+    return snapshot
+
+
+def test_hugging_face_hub_cache_layout_opens_and_loads(k2_tiny, tmp_path):
+    snapshot = hub_snapshot(k2_tiny, tmp_path / "hub")
+    assert os.readlink(snapshot / SHARD2).startswith("../../blobs/")
+    ckpt = Checkpoint.open(snapshot)
+    assert ckpt.tensors[LAYERNORM].path == snapshot / SHARD2  # named as the index names it, not by its hash
+    model = load_model(ckpt)
+    want = Checkpoint.open(k2_tiny).weight(LAYERNORM)
+    assert torch.equal(model.state_dict()[LAYERNORM].float(), want)
+
+
+def test_hub_snapshot_may_reach_its_own_blobs_only(k2_tiny, tmp_path):
+    snapshot = hub_snapshot(k2_tiny, tmp_path / "hub")
+    stranger = move_out((snapshot / SHARD2).resolve(), tmp_path / "hub" / "models--o--other" / "blobs" / "abc")
+    (snapshot / SHARD2).unlink()
+    (snapshot / SHARD2).symlink_to(os.path.relpath(stranger, snapshot))
+    msg = error_of(snapshot)
+    assert f"names shard '{SHARD2}', which is outside the checkpoint folder (it resolves to {stranger})" in msg

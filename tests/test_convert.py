@@ -6,6 +6,7 @@ a SIGKILL really interrupts a conversion, and peak RSS is the child's own VmHWM.
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -270,3 +271,45 @@ def test_verify_store_names_a_flipped_byte(small, tmp_path):
     os.truncate(victim, 10)
     with pytest.raises(CheckpointError, match=f"{victim}: 10 bytes, .*records"):
         open_store_layers(out)
+
+
+# ---- a manifest may only name the store's own files ------------------------------------------------------------
+# Each damage leaves a store today's unchecked reader accepted: the files named outside are real copies.
+
+
+def _edit_layer(out: Path, layer: int, change):
+    manifest = json.loads((out / STORE_MANIFEST).read_text())
+    change(manifest["layers"][str(layer)])
+    (out / STORE_MANIFEST).write_text(json.dumps(manifest))
+
+
+def _dir_elsewhere(out: Path, layer: int) -> str:
+    shutil.copytree(out / layer_dir_name(layer), out.parent / "elsewhere")
+    _edit_layer(out, layer, lambda entry: entry.__setitem__("dir", "../elsewhere"))
+    return f"layer {layer} names dir '../elsewhere'; expected '{layer_dir_name(layer)}'"
+
+
+def _file_outside(out: Path, layer: int) -> str:
+    shutil.copy(out / layer_dir_name(layer) / "gate_proj.values.npy", out.parent / "x")
+    _edit_layer(out, layer, lambda entry: entry["files"].__setitem__("../../x", entry["files"]["gate_proj.values.npy"]))
+    return f"layer {layer} names file '../../x'; expected a plain file name"
+
+
+def _file_symlinked_outside(out: Path, layer: int) -> str:
+    name = f"{layer_dir_name(layer)}/gate_proj.values.npy"
+    target = out.parent / "outside.npy"
+    (out / name).rename(target)
+    (out / name).symlink_to(target)
+    return f"layer {layer} names '{name}', which resolves to {target}, outside the store folder"
+
+
+@pytest.mark.parametrize("damage", [_dir_elsewhere, _file_outside, _file_symlinked_outside])
+def test_manifest_naming_files_outside_the_store_is_refused(small, tmp_path, damage):
+    out = convert(small, tmp_path / "s", "int8")
+    want = f"{out / STORE_MANIFEST}: {damage(out, 2)}"
+    before = tree_bytes(tmp_path)
+    for read in (open_store_layers, verify_store, lambda folder: convert(small, folder, "int8")):
+        with pytest.raises(CheckpointError) as e:
+            read(out)
+        assert str(e.value) == want
+    assert tree_bytes(tmp_path) == before, "a refused store is left as it was, and so is what it named"
