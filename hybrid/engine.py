@@ -5,6 +5,11 @@ prefilled alone into its slot, chunked), then runs ONE decode forward for every 
 the CPU experts stream each expert's weights once for all of them. A request's tokens go to its `sink` as
 Steps (token, finish_reason, text) from the engine thread; `cancel()` (a client that went away) frees the
 slot at the next iteration.
+
+Failures are sorted by whose they are. A request's own (its prefill, sampling its logits, decoding its text)
+ends that request alone: its sink receives the exception and its slot is freed. Anything else (a batched
+decode forward, a bug in the loop) stops the engine: every waiting and active request receives an EngineError,
+`failure` is set, later submits are refused, and `on_failure(exc)` lets the owner (the server) shut down.
 """
 
 import queue
@@ -13,7 +18,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from hybrid.errors import GenerationError
+from hybrid.errors import EngineError, GenerationError
 from hybrid.generate import check_prompt, device_of, make_step, new_cache
 from hybrid.sampling import SamplingParams, sample
 from hybrid.streaming import TextStream
@@ -39,13 +44,17 @@ class Request:
 
 
 class Engine:
-    def __init__(self, model, tokenizer=None, max_batch: int = 8, max_context: int | None = None):
+    def __init__(self, model, tokenizer=None, max_batch: int = 8, max_context: int | None = None,
+                 on_failure=None):
         self.model, self.tokenizer, self.max_batch = model, tokenizer, max_batch
         limit = model.max_context or model.config.max_position_embeddings
         self.max_context = min(max_context or limit, limit)
         self.cache = new_cache(model, self.max_context, batch=max_batch)
         self.waiting: queue.Queue[Request] = queue.Queue()
         self.active: dict[int, Request] = {}
+        self.failure: BaseException | None = None  # set once the engine has stopped for good
+        self.on_failure = on_failure  # callable(exception), from the engine thread
+        self._lock = threading.Lock()  # a submit never lands in the queue after the engine drained it
         self._wake = threading.Event()
         self._stop = False
         self.steps = 0  # decode forwards run (for /metrics)
@@ -53,12 +62,18 @@ class Engine:
         self.thread.start()
 
     def submit(self, req: Request) -> Request:
-        """Queue a request (validated here, so a bad one fails in the caller's thread)."""
+        """Queue a request (validated here, so a bad one fails in the caller's thread). Raises EngineError
+        once the engine has stopped."""
+        if not req.ids:
+            raise GenerationError("empty prompt: give at least one token")
         check_prompt(self.model, req.ids)
         if len(req.ids) + req.params.max_new_tokens > self.max_context:
             raise GenerationError(f"context overflow: {len(req.ids)} prompt + {req.params.max_new_tokens} new tokens "
                                   f"exceed the engine's {self.max_context} positions")
-        self.waiting.put(req)
+        with self._lock:
+            if self.failure is not None or self._stop:
+                raise EngineError(f"the engine has stopped ({self.failure or 'shut down'})")
+            self.waiting.put(req)
         self._wake.set()
         return req
 
@@ -66,19 +81,41 @@ class Engine:
     def queue_depth(self) -> int:
         return self.waiting.qsize()
 
+    @property
+    def healthy(self) -> bool:
+        return self.failure is None and not self._stop and self.thread.is_alive()
+
     def close(self):
+        """Stop the loop; requests still waiting or running receive an EngineError."""
         self._stop = True
         self._wake.set()
         self.thread.join(timeout=10)
+        self._end_all(EngineError("the engine was shut down"))
 
     def _loop(self):
-        while not self._stop:
-            self._admit()
-            if not self.active:
-                self._wake.wait(0.05)
-                self._wake.clear()
-                continue
-            self._decode_step()
+        try:
+            while not self._stop:
+                self._admit()
+                if not self.active:
+                    self._wake.wait(0.05)
+                    self._wake.clear()
+                    continue
+                self._decode_step()
+        except Exception as e:  # not one request's own: nothing can be trusted to go on
+            with self._lock:
+                self.failure = e
+            self._end_all(EngineError(f"the engine failed: {type(e).__name__}: {e}"))
+            if self.on_failure is not None:
+                self.on_failure(e)
+
+    def _end_all(self, error: Exception):
+        with self._lock:
+            pending = list(self.active.values())
+            self.active.clear()
+            while not self.waiting.empty():
+                pending.append(self.waiting.get())
+        for req in pending:
+            self._deliver(req, error)
 
     def _admit(self):
         free = [s for s in range(self.max_batch) if s not in self.active]
@@ -88,12 +125,13 @@ class Engine:
                 continue
             req.slot = free.pop(0)
             self.cache.reset(req.slot)
-            req.generator = req.params.generator()
-            req.text = TextStream(self.tokenizer, req.stop_strings) if self.tokenizer is not None else None
             try:
+                req.generator = req.params.generator()
+                req.text = TextStream(self.tokenizer, req.stop_strings) if self.tokenizer is not None else None
                 req.logits = self._prefill(req)
             except Exception as e:  # a failing request ends alone; the engine goes on
-                req.sink(e)
+                free.insert(0, req.slot)
+                self._deliver(req, e)
                 continue
             self.active[req.slot] = req
             self._emit(req)
@@ -119,12 +157,26 @@ class Engine:
         if req.cancelled:
             self._retire(req)
             return
-        token = sample(req.logits, req.params, req.generator)
-        req.generated.append(token)
-        step = make_step(token, len(req.generated), req.params, req.stop_ids, req.text)
-        req.sink(step)
-        if step.finish_reason:
+        try:
+            token = sample(req.logits, req.params, req.generator)
+            req.generated.append(token)
+            step = make_step(token, len(req.generated), req.params, req.stop_ids, req.text)
+        except Exception as e:  # this request's numbers or text: it ends, the others go on
             self._retire(req)
+            self._deliver(req, e)
+            return
+        if not self._deliver(req, step) or step.finish_reason:
+            self._retire(req)
+
+    def _deliver(self, req: Request, item) -> bool:
+        """Hand a Step or an exception to the request's sink; a sink that fails (its client's event loop is
+        gone) cancels the request instead of reaching the engine."""
+        try:
+            req.sink(item)
+            return True
+        except Exception:
+            req.cancel()
+            return False
 
     def _retire(self, req: Request):
         self.active.pop(req.slot, None)

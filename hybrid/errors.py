@@ -19,3 +19,8 @@ class PlanError(HybridError):
 
 class GenerationError(HybridError):
     """Generation cannot proceed (context overflow, bad prompt ids)."""
+
+
+class EngineError(HybridError):
+    """The generation engine has stopped (a failure that was not one request's own, or shutdown): nothing more
+    can run on it."""

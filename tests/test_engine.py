@@ -1,7 +1,6 @@
 """Continuous batching: sequences of different lengths decoded together equal each decoded alone."""
 
 import queue
-import threading
 
 import pytest
 import torch
@@ -79,3 +78,67 @@ def test_cancel_frees_the_slot(model):
             collect(engine, [1] * 100, 50)
     finally:
         engine.close()
+
+
+class DeviceFault:
+    """Fault injection on the real model: once armed, the next batched decode forward raises, as a device
+    error (a lost GPU, an out-of-memory) would. Nothing a request sends can do this."""
+
+    def __init__(self, model):
+        self.armed = False
+        self.handle = model.model.embed_tokens.register_forward_pre_hook(self._hook)
+
+    def _hook(self, module, args):
+        if self.armed and args[0].shape[1] == 1:  # token ids [rows, 1]: a decode step (the prompts are longer)
+            raise RuntimeError("simulated device failure")
+
+    def remove(self):
+        self.handle.remove()
+
+
+def test_a_failing_sink_ends_its_request_only(model):
+    engine = Engine(model, max_batch=2, max_context=128)
+    try:
+        def broken(step):
+            raise RuntimeError("client's event loop is gone")
+
+        engine.submit(Request([1, 2, 3], SamplingParams(max_new_tokens=50), broken))
+        tokens, reason = drain(collect(engine, [4, 5, 6], 5)[1])
+        assert len(tokens) == 5 and reason == "length" and engine.healthy
+    finally:
+        engine.close()
+
+
+def test_an_engine_failure_ends_every_request_and_refuses_new_ones(model):
+    from hybrid.errors import EngineError
+
+    failures = []
+    engine = Engine(model, max_batch=2, max_context=128, on_failure=failures.append)
+    fault = DeviceFault(model)
+    try:
+        queues = [collect(engine, [1, 2, 3 + i], 60)[1] for i in range(3)]  # two run, one waits
+        queues[0].get(timeout=60)
+        fault.armed = True
+        for q in queues:
+            with pytest.raises(EngineError, match="simulated device failure"):
+                drain(q)
+        engine.thread.join(timeout=10)
+        assert not engine.healthy and isinstance(engine.failure, RuntimeError) and len(failures) == 1
+        with pytest.raises(EngineError):
+            collect(engine, [1, 2], 2)
+    finally:
+        fault.remove()
+        engine.close()
+
+
+def test_close_ends_open_requests(model):
+    from hybrid.errors import EngineError
+
+    engine = Engine(model, max_batch=1, max_context=128)
+    running, waiting = collect(engine, [1, 2, 3], 100)[1], collect(engine, [4, 5], 100)[1]
+    running.get(timeout=60)
+    engine.close()
+    with pytest.raises(EngineError):
+        drain(running)
+    with pytest.raises(EngineError):
+        drain(waiting)
