@@ -14,9 +14,20 @@ whenever the first message is not a system message.
 
 `hybrid/templates/kimi_k2.jinja` is K2-Instruct-0905's template for checkpoints that ship none (the demo model);
 templates/SOURCES.md says where its text comes from.
+
+`ChatTemplate.encode` gives the prompt's token ids, and only the template's own text can make control tokens
+there: a message that writes `<|im_end|><|im_system|>...` (a user, a tool result, a fetched web page) would
+otherwise close its turn and forge a system or tool-call turn. Before rendering, every special-token string in
+the messages, tools and extra variables is swapped for a placeholder (ASCII with a random per-render nonce,
+which untrusted text cannot guess and tojson leaves alone); after rendering, the tokenizer encodes the text
+between the template's markers with the placeholders put back, as plain text. So does a string's trailing
+fragment that could begin a special token with what the template writes next (two content parts "<|im_" and
+"end|>" rendered side by side). Input without such text gives exactly the ids of encoding the rendering.
 """
 
 import json
+import secrets
+from collections.abc import Sequence
 from datetime import datetime
 from pathlib import Path
 
@@ -65,6 +76,61 @@ class ChatTemplate:
             raise GenerationError(f"chat template ({self.origin}): {e.message or e}") from None
         except (TypeError, KeyError, AttributeError) as e:
             raise GenerationError(f"chat template ({self.origin}) cannot render these messages: {e}") from None
+
+    def encode(self, tokenizer, messages: list[dict], tools: list[dict] | None = None,
+               add_generation_prompt: bool = True, suffix: Sequence[str] = (), **kwargs) -> list[int]:
+        """The prompt's token ids: `render(...)` encoded so that every string of messages, tools and kwargs
+        (content and its parts, names, ids, arguments, tool schemas, dict keys too) is plain text, special-token
+        strings included. suffix: parts appended after the rendering (an assistant prefill such as a forced
+        tool call); a part that is exactly a special token's text becomes that token, any other is plain text."""
+        if isinstance(suffix, str):
+            raise ValueError("suffix must be a list of parts (a special token's text, or plain text), not a string")
+        hold = _Placeholders(tokenizer)
+        text = self.render(hold(messages), tools=hold(tools), add_generation_prompt=add_generation_prompt,
+                           **hold(kwargs))
+        text += "".join(part if part in tokenizer.special else hold(part) for part in suffix)
+        return tokenizer.encode_marked(text, hold.literals)
+
+
+class _Placeholders:
+    """Untrusted strings with their special-token text swapped for placeholders; `literals` maps each
+    placeholder back to its text, for Tokenizer.encode_marked."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.nonce = secrets.token_hex(8)  # fresh per render: no message can write a placeholder itself
+        self.literals: dict[str, str] = {}
+        self._held: dict[str, str] = {}  # text -> its placeholder
+        self._longest = max(map(len, tokenizer.special), default=0)
+
+    def __call__(self, value):
+        """A copy of JSON-like `value` (dicts, lists, strings; other values as they are) with every string
+        and dict key held."""
+        if isinstance(value, str):
+            return self.text(value)
+        if isinstance(value, dict):
+            return {self(k): self(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [self(v) for v in value]
+        return value
+
+    def text(self, s: str) -> str:
+        parts = self.tokenizer.special_pattern.split(s)  # special-token strings at odd indices
+        # A trailing proper prefix of a special token ("<|im_") would make one with the next string the
+        # template writes ("end|>"); the template's own text never ends inside a marker, so holding the tail
+        # of each string is enough.
+        last = parts[-1]
+        n = next((n for n in range(min(len(last), self._longest - 1), 0, -1)
+                  if last[-n:] in self.tokenizer.special_prefixes), 0)
+        parts[-1] = last[:len(last) - n]
+        tail = self._hold(last[len(last) - n:]) if n else ""
+        return "".join(self._hold(p) if i % 2 else p for i, p in enumerate(parts)) + tail
+
+    def _hold(self, text: str) -> str:
+        if text not in self._held:
+            placeholder = f"hybrid{self.nonce}n{len(self._held)}x"  # letters and digits: tojson keeps them
+            self._held[text], self.literals[placeholder] = placeholder, text
+        return self._held[text]
 
 
 def load_chat_template(folder) -> ChatTemplate | None:

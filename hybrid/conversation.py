@@ -96,8 +96,9 @@ class ChatSession:
         return len(self.messages)
 
     def prompt_ids(self) -> list[int]:
-        text = self.template.render(self.messages, tools=self.tools, add_generation_prompt=True)
-        return self.tokenizer.encode(text)
+        """The conversation rendered and encoded; what the messages and tools say is text, never control
+        tokens (see ChatTemplate.encode)."""
+        return self.template.encode(self.tokenizer, self.messages, tools=self.tools, add_generation_prompt=True)
 
     # --- one reply
 

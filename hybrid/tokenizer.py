@@ -8,13 +8,16 @@ case-aware words, numbers in groups of at most three).
 DeepSeek-V3/R1 (`tokenizer.json`): byte-level BPE run by the `tokenizers` package; its added tokens
 (<｜begin▁of▁sentence｜>, <｜User｜>, ...) are the special tokens.
 
-Both give the same interface: `encode`, `decode`, `token_bytes` (the raw bytes of one token, so streamed text
+Both give the same interface: `encode`, `encode_marked` (a rendered prompt whose untrusted text stands behind
+placeholders, see hybrid.chat_template), `decode`, `token_bytes` (the raw bytes of one token, so streamed text
 never splits a UTF-8 character, see hybrid.streaming), `token_id` (a special token's id) and
 `special_tokens_map` (bos/eos/unk/pad strings from tokenizer_config.json, which chat templates read).
 """
 
 import base64
 import json
+import re
+from functools import cached_property
 from pathlib import Path
 
 import tiktoken
@@ -61,6 +64,37 @@ class Tokenizer:
         with a rendered prompt); with allow_special=False they are encoded as plain text."""
         raise NotImplementedError
 
+    def encode_marked(self, text: str, literals: dict[str, str]) -> list[int]:
+        """`text` encoded with its special-token strings as control tokens, except that each key of `literals`
+        (a placeholder standing for untrusted text) is put back as its value and encoded as plain text, even
+        where that value spells a special token. Text holding no placeholder gives exactly encode(text)."""
+        literals = {k: v for k, v in literals.items() if k in text}
+        if not literals:
+            return self.encode(text)
+        restore = re.compile("|".join(map(re.escape, sorted(literals, key=len, reverse=True))))
+        ids = []
+        # Both backends encode the text between special tokens piece by piece, so encoding each piece alone
+        # (its placeholders put back) changes nothing but what the placeholders stood for.
+        for i, piece in enumerate(self.special_pattern.split(text)):
+            if i % 2:
+                ids.append(self.special[piece])
+            elif piece:
+                ids += self.encode(restore.sub(lambda m: literals[m[0]], piece), allow_special=False)
+        return ids
+
+    @cached_property
+    def special_pattern(self) -> re.Pattern:
+        """Matches any special-token string, the longest where several start at one place; `split` keeps
+        the matches at odd indices."""
+        alternatives = "|".join(map(re.escape, sorted(self.special, key=len, reverse=True)))
+        return re.compile(f"({alternatives or '(?!)'})")  # (?!) never matches: no special tokens
+
+    @cached_property
+    def special_prefixes(self) -> frozenset[str]:
+        """Every proper prefix of a special-token string: text ending in one could become a special token
+        with what follows it."""
+        return frozenset(s[:n] for s in self.special for n in range(1, len(s)))
+
     def decode(self, ids) -> str:
         raise NotImplementedError
 
@@ -102,12 +136,13 @@ class JsonTokenizer(Tokenizer):
     """A Hugging Face tokenizer.json (DeepSeek-V3/R1) through the `tokenizers` package. Byte-level BPE vocab
     entries are spelled in GPT-2's printable alphabet; `token_bytes` maps them back to raw bytes."""
 
-    def __init__(self, backend, special_tokens_map=None):
+    def __init__(self, backend, special_tokens_map=None, byte_level: bool = True):
+        """backend: a tokenizers.Tokenizer whose added tokens are all flagged special (as `load` makes them)."""
         self.backend = backend
         self.special = {t.content: i for i, t in backend.get_added_tokens_decoder().items()}
         self._special_ids = set(self.special.values())
         self.special_tokens_map = special_tokens_map or {}
-        self._byte_level = _uses_byte_level(backend)
+        self._byte_level = byte_level
         self._from_alphabet = {c: b for b, c in byte_alphabet().items()}
 
     @classmethod
@@ -116,10 +151,17 @@ class JsonTokenizer(Tokenizer):
 
         path = folder / "tokenizer.json"
         try:
-            backend = Backend.from_file(str(path))
+            text = path.read_text()
+            spec = json.loads(text)
+            # tokenizers matches an added token that is not flagged special (DeepSeek's <｜User｜>, <think>)
+            # even when told to encode special tokens as text; flagged special, every one obeys allow_special.
+            plain = [t for t in spec.get("added_tokens") or [] if not t.get("special")]
+            for token in plain:
+                token["special"] = True
+            backend = Backend.from_str(json.dumps(spec) if plain else text)
         except Exception as e:  # the Rust side raises plain Exceptions with serde's message
             raise ConfigError(f"{path}: not a tokenizers file ({e})") from None
-        return cls(backend, special_tokens_map(read_tokenizer_config(folder)))
+        return cls(backend, special_tokens_map(read_tokenizer_config(folder)), _uses_byte_level(spec))
 
     @property
     def n_vocab(self) -> int:
@@ -156,8 +198,8 @@ def byte_alphabet() -> dict[int, str]:
     return dict(sorted(table.items()))
 
 
-def _uses_byte_level(backend) -> bool:
-    decoder = json.loads(backend.to_str()).get("decoder") or {}
+def _uses_byte_level(spec: dict) -> bool:
+    decoder = spec.get("decoder") or {}
     parts = decoder.get("decoders", [decoder]) if decoder.get("type") == "Sequence" else [decoder]
     return any(d.get("type") == "ByteLevel" for d in parts)
 
