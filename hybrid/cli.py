@@ -62,6 +62,8 @@ def make_tiny_cmd(out, fp8, layers, dense_layers, experts, top_k, hidden, n_grou
 @click.argument("model", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--prompt", help="Prompt text (needs the checkpoint's tokenizer).")
 @click.option("--prompt-ids", help="Prompt as comma-separated token ids, e.g. 1,2,3.")
+@click.option("--allow-special", is_flag=True,
+              help="Special tokens written in the prompt, e.g. <|im_end|>, become control tokens.")
 @click.option("--plan", "plan_file", type=click.Path(exists=True, dir_okay=False), help="Placement plan YAML.")
 @click.option("--store", type=click.Path(exists=True, file_okay=False), help="Expert store from `hybrid convert`.")
 @click.option("--max-new-tokens", default=32, show_default=True)
@@ -72,12 +74,13 @@ def make_tiny_cmd(out, fp8, layers, dense_layers, experts, top_k, hidden, n_grou
 @click.option("--seed", type=int)
 @click.option("--stop", multiple=True, help="Stop string (repeatable).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of streaming text.")
-def generate(model, prompt, prompt_ids, plan_file, store, as_json, stop, **sampling):
+def generate(model, prompt, prompt_ids, allow_special, plan_file, store, as_json, stop, **sampling):
     """Generate from MODEL (a checkpoint folder) and print the text as it comes."""
     from hybrid.generate import Stats, default_stop_ids, generate as run, sampling_params
 
+    check_sampling(**sampling)
     net, tokenizer = load_for_cli(model, plan_file, store)
-    ids = parse_prompt(prompt, prompt_ids, tokenizer)
+    ids = parse_prompt(prompt, prompt_ids, tokenizer, allow_special)
     params = sampling_params(model, net.config, **sampling)
     stats = Stats()
     for step in run(net, ids, params, default_stop_ids(model, net, tokenizer), stats, tokenizer=tokenizer,
@@ -219,6 +222,7 @@ def chat(model, demo, plan_file, store, tools_file, prompt, max_new_tokens, **se
 
         model, max_new_tokens = ensure_demo_model(), max_new_tokens or 200
         err.print(f"[dim]demo model: {escape(str(model))} (random weights: its replies are noise)[/dim]")
+    check_sampling(temperature=settings["temperature"], seed=settings["seed"], max_new_tokens=max_new_tokens)
     net, tokenizer = load_for_cli(model, plan_file, store)
     session = ChatSession.open(model, net, tokenizer, tools_file=tools_file, max_new_tokens=max_new_tokens,
                                **settings)
@@ -237,15 +241,17 @@ def chat(model, demo, plan_file, store, tools_file, prompt, max_new_tokens, **se
 @click.option("--max-context", type=int, help="Positions per request (default: the plan's or the model's).")
 def serve(model, plan_file, store, host, port, api_key, served_model_name, max_concurrency, max_context):
     """Serve MODEL over the OpenAI and Anthropic HTTP APIs (chat, completions, messages, tools, streaming)."""
-    import uvicorn
-
-    from hybrid.server.app import create_app
+    from hybrid.server.app import serve as run_server
     from hybrid.server.service import load_service
 
     service = load_service(model, plan_file, store, served_model_name, max_concurrency, max_context)
     err.print(f"serving {service.name} on http://{host}:{port}/v1 ({max_concurrency} concurrent, "
               f"context {service.max_context}{', API key required' if api_key else ''})")
-    uvicorn.run(create_app(service, api_key=api_key), host=host, port=port, log_level="warning")
+    failure = run_server(service, host, port, api_key)
+    if failure is not None:
+        err.print(f"[bold red]error:[/bold red] the engine failed, server stopped: "
+                  f"{escape(f'{type(failure).__name__}: {failure}')}")
+        sys.exit(1)
 
 
 @cli.command(context_settings={"ignore_unknown_options": True, "help_option_names": []})
@@ -257,7 +263,17 @@ def bench(args):
     run_bench(list(args))
 
 
-def parse_prompt(prompt, prompt_ids, tokenizer) -> list[int]:
+def check_sampling(**given):
+    """Sampling flags checked before the model loads (minutes for K2): SamplingParams raises one ConfigError
+    naming the flag."""
+    from hybrid.sampling import SamplingParams
+
+    SamplingParams(**{k: v for k, v in given.items() if v is not None})
+
+
+def parse_prompt(prompt, prompt_ids, tokenizer, allow_special: bool = False) -> list[int]:
+    """Token ids from --prompt-ids, or --prompt's text, in which special-token strings stay text unless
+    allow_special (a pasted web page cannot end a turn by accident)."""
     if (prompt is None) == (prompt_ids is None):
         raise click.UsageError("give exactly one of --prompt and --prompt-ids")
     if prompt_ids is not None:
@@ -268,7 +284,7 @@ def parse_prompt(prompt, prompt_ids, tokenizer) -> list[int]:
                                      param_hint="--prompt-ids") from None
     if tokenizer is None:
         raise click.UsageError("this checkpoint has no tokenizer (tiktoken.model); use --prompt-ids")
-    return tokenizer.encode(prompt)
+    return tokenizer.encode(prompt, allow_special=allow_special)
 
 
 def load_for_cli(folder: Path, plan_file=None, store=None):

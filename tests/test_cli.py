@@ -31,10 +31,12 @@ def test_make_tiny_then_generate_json(tmp_path):
 
 
 def test_prompt_text_goes_through_the_tokenizer(k2_tiny):
-    r = run("generate", k2_tiny, "--prompt", "Hi", "--max-new-tokens", 3, "--json")
+    r = run("generate", k2_tiny, "--prompt", "Hi<|im_end|>", "--max-new-tokens", 3, "--json")
     assert r.returncode == 0, r.stderr
     result = json.loads(r.stdout)
-    assert result["prompt_ids"] == [ord("H"), ord("i")]  # the tiny byte-level vocabulary
+    # The tiny byte-level vocabulary; a special token written in the prompt is text (--allow-special: see
+    # test_prompt_encoding).
+    assert result["prompt_ids"] == list(b"Hi<|im_end|>")
     assert len(result["generated_ids"]) == 3 and isinstance(result["text"], str)
 
 
@@ -52,6 +54,23 @@ def test_usage_errors_are_one_line(k2_tiny):
     assert r.returncode == 2 and "context overflow" in r.stderr
     r = run("generate", k2_tiny)
     assert r.returncode == 2 and "--prompt" in r.stderr
+
+
+def test_extreme_sampling_flags_are_one_line_or_work(k2_tiny):
+    """In-process (the flags' handling is what is tested): a seed beyond 64 bits is one line before loading;
+    temperatures and top_p that underflow sample the best token instead of a traceback."""
+    from click.testing import CliRunner
+
+    from hybrid.cli import cli
+
+    base = ["generate", str(k2_tiny), "--prompt-ids", "1,2,3", "--max-new-tokens", "2", "--json"]
+    r = CliRunner().invoke(cli, base + ["--seed", "100000000000000000000000"])
+    assert r.exit_code == 2 and "sampling parameter seed" in r.output and "Traceback" not in r.output
+    greedy = json.loads(CliRunner().invoke(cli, base + ["--temperature", "0"]).output)["generated_ids"]
+    for flags in (["--temperature", "1e-300"], ["--temperature", "2", "--top-p", "1e-300"]):
+        r = CliRunner().invoke(cli, base + flags + ["--seed", "1"])
+        assert r.exit_code == 0, r.output
+        assert json.loads(r.output)["generated_ids"] == greedy
 
 
 def test_make_tiny_refuses_to_overwrite(k2_tiny):

@@ -1,8 +1,6 @@
 """The real server on 127.0.0.1 with a tiny model, driven by the official openai and anthropic clients."""
 
 import json
-import socket
-import threading
 import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
@@ -11,35 +9,9 @@ import pytest
 
 from hybrid.server.app import create_app
 from hybrid.server.service import ReplySplitter, load_service
+from live_server import Server, free_port
 
 KEY = "test-key"
-
-
-class Server:
-    """uvicorn in a thread on a free loopback port; stops by itself at the end of the module."""
-
-    def __init__(self, app):
-        import uvicorn
-
-        sock = socket.socket()
-        sock.bind(("127.0.0.1", 0))
-        self.port = sock.getsockname()[1]
-        sock.close()
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.thread.start()
-        deadline = time.monotonic() + 30
-        while not self.server.started:
-            assert time.monotonic() < deadline, "server did not start"
-            time.sleep(0.01)
-
-    @property
-    def url(self):
-        return f"http://127.0.0.1:{self.port}"
-
-    def stop(self):
-        self.server.should_exit = True
-        self.thread.join(timeout=10)
 
 
 @pytest.fixture(scope="module")
@@ -278,16 +250,12 @@ def test_health_and_metrics(server, client):
 
 def test_hybrid_serve_command(k2_tiny):
     """The console command as a user starts it: a real process serving on a loopback port."""
-    import os
     import signal
     import subprocess
     import sys
     from pathlib import Path
 
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    sock.close()
+    port = free_port()
     proc = subprocess.Popen([str(Path(sys.executable).parent / "hybrid"), "serve", str(k2_tiny), "--port", str(port),
                              "--served-model-name", "tiny", "--max-context", "512"], stderr=subprocess.PIPE, text=True)
     try:

@@ -10,34 +10,49 @@ from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
 from hybrid.server.schemas import AnthropicRequest
-from hybrid.server.service import ReplySplitter, ServeError, forced_prefix, tool_arguments
+from hybrid.server.service import ReplySplitter, ServeError, error_events, forced_prefix, tool_arguments
 from hybrid.tools import Text, ToolCall
 
 router = APIRouter()
 K2_TEMPERATURE_SCALE = 0.6
 STOP_REASONS = {"stop": "end_turn", "length": "max_tokens"}
+TOOL_CHOICES = {"auto": "auto", "any": "required", "none": "none"}  # Anthropic's -> OpenAI's
 
 
-def _blocks_text(blocks) -> str:
+def _blocks_text(blocks, where: str) -> str:
     if isinstance(blocks, str):
         return blocks
-    return "".join(b.get("text", "") for b in blocks if b.get("type") == "text")
+    if not isinstance(blocks, list):
+        raise ServeError(400, f"{where}: expected a string or a list of content blocks", where)
+    return "".join(_field(b, "text", str, f"{where}.{i}") for i, b in enumerate(blocks)
+                   if isinstance(b, dict) and b.get("type") == "text")
+
+
+def _field(block: dict, key: str, kind, where: str):
+    """A required field of a content block, with the type Anthropic's API gives it."""
+    value = block.get(key)
+    if not isinstance(value, kind):
+        raise ServeError(400, f"{where}.{key}: field required ({kind.__name__})", f"{where}.{key}")
+    return value
 
 
 def messages_of(req: AnthropicRequest) -> list[dict]:
-    out = [{"role": "system", "content": _blocks_text(req.system)}] if req.system else []
-    for m in req.messages:
+    out = [{"role": "system", "content": _blocks_text(req.system, "system")}] if req.system else []
+    for i, m in enumerate(req.messages):
         if isinstance(m.content, str):
             out.append({"role": m.role, "content": m.content})
             continue
-        for b in m.content:
+        calls = []
+        for j, b in enumerate(m.content):
+            where = f"messages.{i}.content.{j}"
             if b.get("type") == "tool_result":
-                out.append({"role": "tool", "tool_call_id": b.get("tool_use_id"),
-                            "content": _blocks_text(b.get("content", ""))})
-        calls = [{"id": b["id"], "type": "function",
-                  "function": {"name": b["name"], "arguments": json.dumps(b.get("input", {}), ensure_ascii=False)}}
-                 for b in m.content if b.get("type") == "tool_use"]
-        text = _blocks_text(m.content)
+                out.append({"role": "tool", "tool_call_id": _field(b, "tool_use_id", str, where),
+                            "content": _blocks_text(b.get("content", ""), f"{where}.content")})
+            elif b.get("type") == "tool_use":
+                arguments = json.dumps(_field(b, "input", dict, where), ensure_ascii=False)
+                calls.append({"id": _field(b, "id", str, where), "type": "function",
+                              "function": {"name": _field(b, "name", str, where), "arguments": arguments}})
+        text = _blocks_text(m.content, f"messages.{i}.content")
         if text or calls:
             msg = {"role": m.role, "content": text}
             if calls:
@@ -49,16 +64,15 @@ def messages_of(req: AnthropicRequest) -> list[dict]:
 def tools_of(req: AnthropicRequest):
     if not req.tools:
         return None
-    return [{"type": "function", "function": {"name": t["name"], "description": t.get("description", ""),
-                                              "parameters": t.get("input_schema", {})}} for t in req.tools]
+    return [{"type": "function", "function": {"name": t.name, "description": t.description or "",
+                                              "parameters": t.input_schema}} for t in req.tools]
 
 
 def choice_of(req: AnthropicRequest):
-    c = req.tool_choice or {}
-    kind = c.get("type", "auto")
-    if kind == "tool":
-        return {"type": "function", "function": {"name": c.get("name")}}
-    return {"any": "required", "none": "none"}.get(kind, "auto")
+    c = req.tool_choice
+    if c is not None and c.type == "tool":
+        return {"type": "function", "function": {"name": c.name}}
+    return TOOL_CHOICES[c.type if c is not None else "auto"]
 
 
 @router.post("/v1/messages")
@@ -72,10 +86,11 @@ async def messages(body: AnthropicRequest, request: Request):
     params = svc.params(len(ids), temperature if temperature is not None else K2_TEMPERATURE_SCALE, body.top_p,
                         body.max_tokens)
     splitter = ReplySplitter(parse=bool(tools), prefix=prefix)
-    steps = svc.steps(ids, params, body.stop_sequences or [], request)
+    steps = await svc.run(ids, params, body.stop_sequences or [], request)
     head = {"id": f"msg_{uuid.uuid4().hex[:24]}", "type": "message", "role": "assistant", "model": svc.name}
     if body.stream:
-        return StreamingResponse(_events(steps, splitter, head, len(ids), body), media_type="text/event-stream")
+        return StreamingResponse(error_events(_events(steps, splitter, head, len(ids), body), _error_event),
+                                 media_type="text/event-stream")
     n, reason = await splitter.consume(steps)
     out = splitter.outcome
     content = [{"type": "text", "text": out.content}] if out.content or not out.tool_calls else []
@@ -92,6 +107,12 @@ def _stop_reason(reason, calls) -> str:
 
 def _event(kind: str, data: dict) -> str:
     return f"event: {kind}\ndata: {json.dumps({'type': kind, **data}, ensure_ascii=False)}\n\n"
+
+
+def _error_event(e: ServeError) -> str:
+    """Anthropic's in-stream error event (its clients raise on it)."""
+    kind = "overloaded_error" if e.status == 503 else "api_error" if e.status >= 500 else e.kind
+    return _event("error", {"error": {"type": kind, "message": e.message}})
 
 
 async def _events(steps, splitter, head, n_prompt, body):

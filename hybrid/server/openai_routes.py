@@ -5,10 +5,10 @@ import time
 import uuid
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import StreamingResponse
 
 from hybrid.server.schemas import ChatRequest, CompletionRequest
-from hybrid.server.service import ReplySplitter, ServeError, forced_prefix
+from hybrid.server.service import ReplySplitter, ServeError, error_events, forced_prefix
 from hybrid.tools import Text, ToolCall
 
 router = APIRouter()
@@ -28,11 +28,19 @@ def messages_of(req: ChatRequest) -> list[dict]:
             d["content"] = [p for p in m.content if isinstance(p, dict)]
         else:
             d["content"] = _text(m.content)
-        for key in ("name", "tool_calls", "tool_call_id"):
+        for key in ("name", "tool_call_id"):
             if getattr(m, key) is not None:
                 d[key] = getattr(m, key)
+        if m.tool_calls is not None:
+            d["tool_calls"] = [c.model_dump(exclude_unset=True) for c in m.tool_calls]
         out.append(d)
     return out
+
+
+def tools_of(req: ChatRequest) -> list[dict] | None:
+    if not req.tools or req.tool_choice == "none":
+        return None
+    return [t.model_dump(exclude_unset=True) for t in req.tools]
 
 
 def usage(prompt: int, completion: int) -> dict:
@@ -41,6 +49,12 @@ def usage(prompt: int, completion: int) -> dict:
 
 def sse(data) -> str:
     return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
+
+
+def sse_error(e: ServeError) -> str:
+    """OpenAI's in-stream error: a data event holding an `error` object (its clients raise APIError on it)."""
+    return sse({"error": {"message": e.message, "type": e.kind, "param": e.param, "code": e.code}}) + \
+        "data: [DONE]\n\n"
 
 
 @router.get("/v1/models")
@@ -55,7 +69,7 @@ async def chat_completions(body: ChatRequest, request: Request):
     svc = request.app.state.service
     if body.n != 1:
         raise ServeError(400, "only n=1 is supported", "n")
-    tools = body.tools if body.tool_choice != "none" else None
+    tools = tools_of(body)
     prefix = forced_prefix(body.tool_choice, tools)
     ids = svc.prompt(messages_of(body), tools, prefix)
     params = svc.params(len(ids), body.temperature, body.top_p, body.max_completion_tokens or body.max_tokens,
@@ -63,11 +77,11 @@ async def chat_completions(body: ChatRequest, request: Request):
     stop = [body.stop] if isinstance(body.stop, str) else (body.stop or [])
     splitter = ReplySplitter(parse=bool(tools), prefix=prefix)
     head = {"id": f"chatcmpl-{uuid.uuid4().hex[:24]}", "created": int(time.time()), "model": svc.name}
-    steps = svc.steps(ids, params, stop, request)
+    steps = await svc.run(ids, params, stop, request, ignore_eos=body.ignore_eos)
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return StreamingResponse(_chat_chunks(steps, splitter, head, len(ids), include_usage),
-                                 media_type="text/event-stream")
+        return StreamingResponse(error_events(_chat_chunks(steps, splitter, head, len(ids), include_usage),
+                                              sse_error), media_type="text/event-stream")
     n, reason = await splitter.consume(steps)
     out = splitter.outcome
     message = {"role": "assistant", "content": out.content or (None if out.tool_calls else "")}
@@ -107,13 +121,16 @@ async def completions(body: CompletionRequest, request: Request):
     if body.n != 1:
         raise ServeError(400, "only n=1 is supported", "n")
     ids = body.prompt if isinstance(body.prompt, list) else svc.tokenizer.encode(body.prompt, allow_special=True)
+    if not ids:
+        raise ServeError(400, "prompt is empty: give at least one token", "prompt")
     params = svc.params(len(ids), body.temperature, body.top_p, body.max_tokens, body.seed)
     stop = [body.stop] if isinstance(body.stop, str) else (body.stop or [])
     head = {"id": f"cmpl-{uuid.uuid4().hex[:24]}", "object": "text_completion", "created": int(time.time()),
             "model": svc.name}
-    steps = svc.steps(ids, params, stop, request)
+    steps = await svc.run(ids, params, stop, request, "prompt", body.ignore_eos)
     if body.stream:
-        return StreamingResponse(_completion_chunks(steps, head, len(ids), body), media_type="text/event-stream")
+        return StreamingResponse(error_events(_completion_chunks(steps, head, len(ids), body), sse_error),
+                                 media_type="text/event-stream")
     text, n, reason = "", 0, "stop"
     async for step in steps:
         text, n, reason = text + step.text, n + 1, step.finish_reason or reason

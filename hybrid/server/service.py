@@ -1,20 +1,27 @@
 """What both wire formats share: prompts from messages through the checkpoint's chat template, sampling
 parameters within the server's limits, requests run through the engine (awaited from asyncio, cancelled when
-the client goes away), K2's output split into text and tool calls, and the counters /metrics shows."""
+the client goes away), K2's output split into text and tool calls, and the counters /metrics shows.
+
+A request's errors reach its client in that API's shape: raised as ServeError before the first token (so the
+client gets an HTTP status: `Service.run` waits for the first step before a response starts), and as one
+error event inside a stream that has already begun (`error_events`)."""
 
 import asyncio
 import json
+import logging
 import time
 from collections import deque
 from dataclasses import dataclass, field
 
 from hybrid.engine import Engine, Request
-from hybrid.errors import GenerationError
+from hybrid.errors import EngineError, GenerationError
 from hybrid.generate import default_sampling, default_stop_ids
 from hybrid.sampling import SamplingParams
 from hybrid.tools import ARGUMENT_BEGIN, CALL_BEGIN, SECTION_BEGIN, Text, ToolCall, ToolCallStream, Warn
 
 RATE_WINDOW_S = 60.0
+DISCONNECT_POLL_S = 0.5  # how often a waiting request asks whether its client is still there
+log = logging.getLogger("hybrid.serve")
 
 
 class ServeError(Exception):
@@ -74,9 +81,17 @@ class Service:
     def max_context(self) -> int:
         return self.engine.max_context
 
-    def prompt(self, messages: list[dict], tools=None, prefix: str = "") -> list[int]:
-        text = self.template.render(messages, tools=tools, add_generation_prompt=True) + prefix
-        return self.tokenizer.encode(text, allow_special=True)
+    def close(self):
+        self.engine.close()
+
+    def prompt(self, messages: list[dict], tools=None, prefix: tuple[str, ...] = ()) -> list[int]:
+        """The prompt ids for a conversation, then `prefix` (forced_prefix's parts). What the request says is
+        encoded as text: only the template's own markers and prefix's marker parts become control tokens. A
+        template that refuses the conversation is the client's 400, told without the server's file paths."""
+        try:
+            return self.template.encode(self.tokenizer, messages, tools=tools, suffix=prefix)
+        except GenerationError as e:
+            raise ServeError(400, str(e).replace(self.template.origin, "server"), "messages") from None
 
     def params(self, n_prompt: int, temperature=None, top_p=None, max_tokens=None, seed=None) -> SamplingParams:
         room = self.max_context - n_prompt
@@ -90,63 +105,145 @@ class Service:
         values.update({k: v for k, v in (("temperature", temperature), ("top_p", top_p)) if v is not None})
         return SamplingParams(seed=seed, max_new_tokens=max_tokens or room, **values)
 
-    async def steps(self, ids: list[int], params: SamplingParams, stop=(), http_request=None):
-        """Async iterator over the engine's Steps for one request; the request is cancelled (its slot freed)
-        when the consumer stops early or the HTTP client disconnects."""
+    async def run(self, ids: list[int], params: SamplingParams, stop=(), http_request=None, param="messages",
+                  ignore_eos: bool = False):
+        """Submit a request and wait for its first step, so that what fails before any output (a bad prompt,
+        a failed prefill, a stopped engine) raises ServeError while an HTTP status can still be sent. Returns
+        an async iterator over all its Steps; the request is cancelled (its slot freed) when the consumer
+        stops early or the HTTP client disconnects."""
         loop = asyncio.get_running_loop()
         q: asyncio.Queue = asyncio.Queue()
-        req = Request(ids, params, lambda s: loop.call_soon_threadsafe(q.put_nowait, s), self.stop_ids,
-                      tuple(stop or ()))
+        req = Request(ids, params, lambda s: loop.call_soon_threadsafe(q.put_nowait, s),
+                      frozenset() if ignore_eos else self.stop_ids, tuple(stop or ()))
         try:
             self.engine.submit(req)
+        except EngineError as e:
+            raise ServeError(503, str(e), kind="server_error", code="engine_stopped") from None
         except GenerationError as e:
-            raise ServeError(400, str(e), "messages", "context_length_exceeded") from None
+            code = "context_length_exceeded" if "context overflow" in str(e) else None
+            raise ServeError(400, str(e), param, code) from None
         self.counters.requests += 1
         self.counters.prompt_tokens += len(ids)
+        run = Run(self, q, req, http_request)
         try:
-            while True:
-                try:
-                    step = await asyncio.wait_for(q.get(), timeout=0.5)
-                except asyncio.TimeoutError:
-                    if http_request is not None and await http_request.is_disconnected():
-                        return
-                    continue
-                if isinstance(step, Exception):
-                    raise ServeError(500, f"generation failed: {step}", kind="server_error")
-                self.counters.add_generated(1)
-                yield step
-                if step.finish_reason:
-                    return
-        finally:
+            run.step = await run.next_step()
+        except BaseException:
             req.cancel()
+            raise
+        return run
 
 
-def forced_prefix(tool_choice, tools) -> str:
-    """Text appended after the assistant header so K2 must call a tool: 'required' opens a call, a named
-    function opens that call up to its arguments."""
-    if not tools or tool_choice in (None, "auto", "none"):
-        return ""
+class Run:
+    """One request's Steps as an async iterator. Its request is cancelled (slot freed) when the client goes
+    away, when iteration ends early (aclose), and at the latest when the Run is dropped unstarted (a stream
+    whose client left before its first chunk)."""
+
+    def __init__(self, service: Service, q: asyncio.Queue, req: Request, http_request):
+        self.service, self.q, self.req, self.http_request = service, q, req, http_request
+        self.step = None  # the next Step to hand out (the first one is fetched by Service.run)
+        self.asked = time.monotonic()  # when the client was last asked whether it is still there
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self):
+        step = self.step
+        if step is None or self.req.cancelled:
+            self.req.cancel()
+            raise StopAsyncIteration
+        try:
+            self.step = None if step.finish_reason else await self.next_step()
+        except BaseException:
+            self.req.cancel()
+            raise
+        return step
+
+    async def next_step(self):
+        """The request's next Step; None once its client has gone; ServeError for a failure. The client is
+        asked every DISCONNECT_POLL_S whether it is still there, also while Steps keep coming."""
+        while True:
+            try:
+                step = await asyncio.wait_for(self.q.get(), timeout=DISCONNECT_POLL_S)
+            except asyncio.TimeoutError:
+                step = None
+            if await self._client_gone():
+                return None
+            if step is None:
+                continue
+            if isinstance(step, Exception):
+                self.service.counters.errors += 1
+                raise _serve_error(step)
+            self.service.counters.add_generated(1)
+            return step
+
+    async def _client_gone(self) -> bool:
+        now = time.monotonic()
+        if self.http_request is None or now - self.asked < DISCONNECT_POLL_S:
+            return False
+        self.asked = now
+        return await self.http_request.is_disconnected()
+
+    async def aclose(self):
+        self.req.cancel()
+
+    def __del__(self):
+        self.req.cancel()
+
+
+def _serve_error(e: Exception) -> ServeError:
+    if isinstance(e, EngineError):
+        return ServeError(503, str(e), kind="server_error", code="engine_stopped")
+    if isinstance(e, GenerationError):
+        return ServeError(500, f"generation failed: {e}", kind="server_error")
+    log.error("request failed in the engine: %s: %s", type(e).__name__, e)
+    return ServeError(500, f"generation failed: {type(e).__name__}", kind="server_error")
+
+
+async def error_events(chunks, render):
+    """Pass a response stream through; a failure after it began becomes one final event rendered in the
+    API's own shape (`render(ServeError) -> str`), never a silently cut stream."""
+    try:
+        async for chunk in chunks:
+            yield chunk
+    except ServeError as e:
+        yield render(e)
+    except Exception as e:
+        log.exception("stream failed")
+        yield render(ServeError(500, f"internal error: {type(e).__name__}", kind="server_error"))
+
+
+def forced_prefix(tool_choice, tools) -> tuple[str, ...]:
+    """What follows the assistant header so K2 must call a tool: 'required' opens a call, a named function
+    opens that call up to its arguments. Given as parts for Service.prompt: each marker a part of its own, the
+    function's name inside a plain-text part (a name that spells a marker stays text). Forcing a call without
+    tools is refused, as OpenAI does."""
+    if tool_choice in (None, "auto", "none"):
+        return ()
+    if tool_choice != "required" and not isinstance(tool_choice, dict):
+        raise ServeError(400, f"tool_choice {tool_choice!r} is not auto, none, required or a named function",
+                         "tool_choice")
+    if not tools:
+        raise ServeError(400, "tool_choice asks for a tool call, but the request declares no tools", "tool_choice")
     if tool_choice == "required":
-        return SECTION_BEGIN + CALL_BEGIN + "functions."
-    if isinstance(tool_choice, dict):
-        name = (tool_choice.get("function") or {}).get("name") or tool_choice.get("name")
-        if not name:
-            raise ServeError(400, "tool_choice names no function", "tool_choice")
-        if name not in {(t.get("function") or t).get("name") for t in tools}:
-            raise ServeError(400, f"tool_choice names {name!r}, which is not among the tools", "tool_choice")
-        return SECTION_BEGIN + CALL_BEGIN + f"functions.{name}:0" + ARGUMENT_BEGIN
-    raise ServeError(400, f"tool_choice {tool_choice!r} is not auto, none, required or a named function",
-                     "tool_choice")
+        return SECTION_BEGIN, CALL_BEGIN, "functions."
+    function = tool_choice.get("function")
+    name = function.get("name") if isinstance(function, dict) else tool_choice.get("name")
+    if not isinstance(name, str) or not name:
+        raise ServeError(400, "tool_choice names no function", "tool_choice")
+    if name not in {t["function"]["name"] for t in tools}:
+        raise ServeError(400, f"tool_choice names {name!r}, which is not among the tools", "tool_choice")
+    return SECTION_BEGIN, CALL_BEGIN, f"functions.{name}:0", ARGUMENT_BEGIN
 
 
 class ReplySplitter:
     """K2's streamed text -> text pieces and tool calls as they complete (parse=False: all text)."""
 
-    def __init__(self, parse: bool, prefix: str = ""):
+    def __init__(self, parse: bool, prefix=()):
+        """prefix: the forced call's text the model continues (forced_prefix's parts, or one string)."""
         self.stream = ToolCallStream() if parse else None
         self.outcome = Outcome()
         if prefix and self.stream is not None:
-            self.stream.push(prefix)
+            self.stream.push("".join(prefix))
 
     async def consume(self, steps) -> tuple[int, str]:
         """Run a whole (non-streamed) reply through the splitter: (tokens generated, finish reason)."""
