@@ -25,8 +25,8 @@ from cpu_kernels.bench import BandwidthProbe
 from cpu_kernels.threads import physical_cores
 from hybrid.checkpoint import Checkpoint
 from hybrid.convert import convert
-from hybrid.generate import new_cache
-from hybrid.loader import load_model
+from hybrid.generate import decode_step, prefill, prefill_rows
+from hybrid.runtime import open_runtime
 from hybrid.tiny import K2_WIDTHS, TinySpec, make_tiny
 from placement.hardware import detect
 from placement.planner import PlanRequest, make_plan
@@ -41,15 +41,15 @@ def best_of(fn, repeats=3):
     return min(times)
 
 
-def decode_tps(model, n_prompt=16, n_decode=16):
-    ids = torch.arange(1, n_prompt + 1)[None]
+def decode_tps(rt, n_prompt=16, n_decode=16):
+    ids = list(range(1, n_prompt + 1))
 
     def run():
-        cache = new_cache(model, n_prompt + n_decode)
-        model(ids, cache=cache, last_only=True)
+        cache = rt.new_cache(n_prompt + n_decode)
+        prefill(rt.model, cache, ids, rt.prefill_chunk)
         t0 = time.perf_counter()
         for t in range(n_decode):
-            model(torch.tensor([[t + 1]]), cache=cache)
+            decode_step(rt.model, cache, [t + 1])
         run.s = time.perf_counter() - t0
 
     best = float("inf")
@@ -59,13 +59,11 @@ def decode_tps(model, n_prompt=16, n_decode=16):
     return n_decode / best
 
 
-def prefill_tps(model, n, chunk):
+def prefill_tps(rt, n, chunk):
     ids = torch.arange(n)[None] % 256
 
     def run():
-        cache = new_cache(model, n)
-        for s in range(0, n, chunk):
-            model(ids[:, s:s + chunk], cache=cache, last_only=True)
+        prefill_rows(rt.model, rt.new_cache(n), ids, chunk)
 
     return n / best_of(run, 2)
 
@@ -93,12 +91,12 @@ def measure_part(part, ckpt_dir, store_dir, plan, threads) -> dict:
     torch.set_num_threads(threads - half if part == "disjoint" else threads)
     p = replace(plan, settings=replace(plan.settings, **settings),
                 rules=tuple(replace(r, options={}) for r in plan.rules))
-    model = load_model(ckpt_dir, plan=p, store=store_dir)
-    out = {"decode_tps": decode_tps(model)}
+    rt = open_runtime(ckpt_dir, p, store_dir)
+    out = {"decode_tps": decode_tps(rt)}
     if part != "deferral":
-        out["overlap"] = overlap(model)
+        out["overlap"] = overlap(rt.model)
     if part == "main":
-        out["prefill_tps_128"] = prefill_tps(model, 128, 128)
+        out["prefill_tps_128"] = prefill_tps(rt, 128, 128)
     return out
 
 

@@ -160,6 +160,20 @@ def load_chat_template(folder) -> ChatTemplate | None:
                           "{\"name\": ..., \"template\": ...}") from None
 
 
+def chat_template_for(folder, tokenizer, required: bool = True) -> ChatTemplate | None:
+    """The checkpoint's own template; K2's packaged one when a K2-tokenizer checkpoint ships none. Without
+    either: a ConfigError, or None when not `required`."""
+    template = load_chat_template(folder)
+    if template is not None:
+        return template
+    if tokenizer.token_id("<|im_user|>") is not None and tokenizer.token_id("<|im_middle|>") is not None:
+        return k2_template(tokenizer.special_tokens_map)
+    if not required:
+        return None
+    raise ConfigError(f"{folder}: no chat template (chat_template.jinja or tokenizer_config.json's "
+                      "chat_template)")
+
+
 def k2_template(special_tokens=None) -> ChatTemplate:
     """K2-Instruct-0905's template as this package ships it (for checkpoints without one)."""
     return ChatTemplate.from_file(K2_TEMPLATE, special_tokens)

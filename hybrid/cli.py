@@ -76,15 +76,16 @@ def make_tiny_cmd(out, fp8, layers, dense_layers, experts, top_k, hidden, n_grou
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of streaming text.")
 def generate(model, prompt, prompt_ids, allow_special, plan_file, store, as_json, stop, **sampling):
     """Generate from MODEL (a checkpoint folder) and print the text as it comes."""
-    from hybrid.generate import Stats, default_stop_ids, generate as run, sampling_params
+    from hybrid.generate import Stats, generate as run
 
     check_sampling(**sampling)
-    net, tokenizer = load_for_cli(model, plan_file, store)
-    ids = parse_prompt(prompt, prompt_ids, tokenizer, allow_special)
-    params = sampling_params(model, net.config, **sampling)
+    rt = load_for_cli(model, plan_file, store)
+    ids = parse_prompt(prompt, prompt_ids, rt.tokenizer, allow_special)
+    params = rt.sampling(**sampling)
     stats = Stats()
-    for step in run(net, ids, params, default_stop_ids(model, net, tokenizer), stats, tokenizer=tokenizer,
-                    stop_strings=stop):
+    tokenizer = rt.tokenizer
+    for step in run(rt.model, ids, params, rt.stop_ids, stats, rt.prefill_chunk, tokenizer=tokenizer,
+                    stop_strings=stop, cache=rt.new_cache(len(ids) + params.max_new_tokens)):
         if not as_json:
             click.echo(step.text if tokenizer else f"{step.token} ", nl=False)
     if as_json:
@@ -223,9 +224,8 @@ def chat(model, demo, plan_file, store, tools_file, prompt, max_new_tokens, **se
         model, max_new_tokens = ensure_demo_model(), max_new_tokens or 200
         err.print(f"[dim]demo model: {escape(str(model))} (random weights: its replies are noise)[/dim]")
     check_sampling(temperature=settings["temperature"], seed=settings["seed"], max_new_tokens=max_new_tokens)
-    net, tokenizer = load_for_cli(model, plan_file, store)
-    session = ChatSession.open(model, net, tokenizer, tools_file=tools_file, max_new_tokens=max_new_tokens,
-                               **settings)
+    session = ChatSession.open(load_for_cli(model, plan_file, store, needs_chat=True), tools_file=tools_file,
+                               max_new_tokens=max_new_tokens, **settings)
     sys.exit(run_chat(session, err, prompt, banner=f"{model.name}: {session.cache.max_len} tokens of context"))
 
 
@@ -287,27 +287,16 @@ def parse_prompt(prompt, prompt_ids, tokenizer, allow_special: bool = False) -> 
     return tokenizer.encode(prompt, allow_special=allow_special)
 
 
-def load_for_cli(folder: Path, plan_file=None, store=None):
-    """Open and validate the checkpoint and the plan (errors before any weight is read), then load with a
-    progress bar."""
+def load_for_cli(folder: Path, plan_file=None, store=None, needs_chat: bool = False):
+    """open_runtime with a progress bar (every file and the plan are checked before any weight is read)."""
     from rich.progress import Progress
 
-    from hybrid.checkpoint import Checkpoint
-    from hybrid.loader import load_model
-    from hybrid.tokenizer import Tokenizer
+    from hybrid.runtime import open_runtime
 
-    ckpt = Checkpoint.open(folder)
-    plan = None
-    if plan_file:
-        from placement.plan_file import load_checked_plan
-
-        plan = load_checked_plan(plan_file, ckpt.config)
-    tokenizer = Tokenizer.from_folder(folder)
     with Progress(console=err, transient=True) as bar:
-        task = bar.add_task("loading weights", total=len(ckpt.tensors))
-        net = load_model(ckpt, plan=plan, store=store,
-                         progress=lambda done, total: bar.update(task, completed=done, total=total))
-    return net, tokenizer
+        task = bar.add_task("loading weights", total=None)
+        return open_runtime(folder, plan_file, store, needs_chat=needs_chat,
+                            progress=lambda done, total: bar.update(task, completed=done, total=total))
 
 
 def main():

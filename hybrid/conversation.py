@@ -15,14 +15,9 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from hybrid.chat_template import ChatTemplate, k2_template, load_chat_template
-from hybrid.errors import ConfigError, GenerationError
-from hybrid.generate import Stats, default_stop_ids, generate, new_cache, sampling_params
+from hybrid.errors import GenerationError
+from hybrid.generate import Stats, generate
 from hybrid.tools import ToolCall, ToolCallStream, collect, load_tools
-
-# Without a plan the model runs as plain fp32 torch on the CPU (tiny models): its cache is capped here rather
-# than sized for a 256K-token context.
-NO_PLAN_CONTEXT = 16384
 
 
 @dataclass
@@ -38,14 +33,13 @@ class Turn:
 
 
 class ChatSession:
-    def __init__(self, model, tokenizer, template: ChatTemplate, params, stop_ids, tools=None, system=None,
-                 context: int | None = None):
-        """model: a loaded DeepseekV3ForCausalLM; params: SamplingParams (max_new_tokens per reply);
-        context: cache positions (default: the plan's context, else the model's limit up to NO_PLAN_CONTEXT)."""
-        self.model, self.tokenizer, self.template = model, tokenizer, template
-        self.params, self.stop_ids, self.tools = params, set(stop_ids), tools or None
-        limit = model.max_context or min(model.config.max_position_embeddings, NO_PLAN_CONTEXT)
-        self.cache = new_cache(model, min(context or limit, limit))
+    def __init__(self, runtime, params, tools=None, system=None, context: int | None = None):
+        """runtime: an opened hybrid.runtime.Runtime; params: SamplingParams (max_new_tokens per reply);
+        context: cache positions (default and limit: the runtime's context limit)."""
+        self.runtime, self.model, self.tokenizer = runtime, runtime.model, runtime.tokenizer
+        self.template = runtime.chat_template()
+        self.params, self.stop_ids, self.tools = params, set(runtime.stop_ids), tools or None
+        self.cache = runtime.new_cache(min(context or runtime.max_context, runtime.max_context))
         self.cached_ids: list[int] = []  # the tokens the cache holds, in order
         self.system = system or None
         self.messages: list[dict] = []
@@ -53,17 +47,13 @@ class ChatSession:
         self.last = Turn()
 
     @classmethod
-    def open(cls, folder, model, tokenizer, system=None, temperature=None, max_new_tokens=None, seed=None,
-             tools_file=None, context=None) -> "ChatSession":
-        """A session on a loaded checkpoint, with its template, sampling defaults and stop ids."""
-        if tokenizer is None:
-            raise ConfigError(f"{folder}: no tokenizer (tiktoken.model or tokenizer.json), which chat needs")
-        template = chat_template_for(folder, tokenizer)
-        params = sampling_params(folder, model.config, temperature=temperature, seed=seed,
-                                 max_new_tokens=max_new_tokens or 1 << 30)  # a reply may fill the context
+    def open(cls, runtime, system=None, temperature=None, max_new_tokens=None, seed=None, tools_file=None,
+             context=None) -> "ChatSession":
+        """A session on an opened runtime, with its template, sampling defaults and stop ids."""
+        params = runtime.sampling(temperature=temperature, seed=seed,
+                                  max_new_tokens=max_new_tokens or 1 << 30)  # a reply may fill the context
         tools = load_tools(tools_file) if tools_file else None
-        return cls(model, tokenizer, template, params, default_stop_ids(folder, model, tokenizer), tools, system,
-                   context)
+        return cls(runtime, params, tools, system, context)
 
     # --- the conversation
 
@@ -116,8 +106,8 @@ class ChatSession:
         params = replace(self.params, max_new_tokens=min(self.params.max_new_tokens, room))
         stats, stream, events, interrupted = Stats(), ToolCallStream(), [], False
         try:
-            for step in generate(self.model, ids[keep:], params, self.stop_ids, stats, tokenizer=self.tokenizer,
-                                 cache=self.cache):
+            for step in generate(self.model, ids[keep:], params, self.stop_ids, stats, chunk=self.runtime.prefill_chunk,
+                                 tokenizer=self.tokenizer, cache=self.cache):
                 for event in stream.push(step.text):
                     events.append(event)
                     yield event
@@ -169,14 +159,3 @@ class ChatSession:
                 "finish_reason": t.finish_reason, "cache_tokens": used, "cache_capacity": self.cache.max_len,
                 "cache_mib": used * self.cache.nbytes / self.cache.max_len / 2**20,
                 "messages": len(self.messages)}
-
-
-def chat_template_for(folder, tokenizer) -> ChatTemplate:
-    """The checkpoint's own template; K2's packaged one when a K2-tokenizer checkpoint ships none."""
-    template = load_chat_template(folder)
-    if template is not None:
-        return template
-    if tokenizer.token_id("<|im_user|>") is not None and tokenizer.token_id("<|im_middle|>") is not None:
-        return k2_template(tokenizer.special_tokens_map)
-    raise ConfigError(f"{folder}: no chat template (chat_template.jinja or tokenizer_config.json's "
-                      "chat_template)")

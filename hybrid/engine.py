@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import torch
 
 from hybrid.errors import EngineError, GenerationError
-from hybrid.generate import check_prompt, device_of, make_step, new_cache
+from hybrid.generate import check_prompt, decode_step, make_step, new_cache, prefill
 from hybrid.sampling import SamplingParams, sample
 from hybrid.streaming import TextStream
 
@@ -44,12 +44,13 @@ class Request:
 
 
 class Engine:
-    def __init__(self, model, tokenizer=None, max_batch: int = 8, max_context: int | None = None,
-                 on_failure=None):
+    def __init__(self, model, tokenizer=None, *, max_context: int, max_batch: int = 8,
+                 prefill_chunk: int | None = None, on_failure=None):
+        """max_context: positions per request (a Runtime's context limit, or less); prefill_chunk: tokens per
+        prefill forward (a Runtime's)."""
         self.model, self.tokenizer, self.max_batch = model, tokenizer, max_batch
-        limit = model.max_context or model.config.max_position_embeddings
-        self.max_context = min(max_context or limit, limit)
-        self.cache = new_cache(model, self.max_context, batch=max_batch)
+        self.max_context, self.prefill_chunk = max_context, prefill_chunk
+        self.cache = new_cache(model, max_context, batch=max_batch)
         self.waiting: queue.Queue[Request] = queue.Queue()
         self.active: dict[int, Request] = {}
         self.failure: BaseException | None = None  # set once the engine has stopped for good
@@ -137,18 +138,13 @@ class Engine:
             self._emit(req)
 
     def _prefill(self, req: Request) -> torch.Tensor:
-        ids = torch.tensor([req.ids], device=device_of(self.model))
-        chunk = self.model.prefill_chunk or 256
-        for s in range(0, len(req.ids), chunk):
-            logits = self.model(ids[:, s:s + chunk], cache=self.cache, last_only=True, slots=[req.slot])
-        return logits[0, -1]
+        return prefill(self.model, self.cache, req.ids, self.prefill_chunk, req.slot)
 
     def _decode_step(self):
         reqs = list(self.active.values())
-        tokens = torch.tensor([[r.generated[-1]] for r in reqs], device=device_of(self.model))
-        logits = self.model(tokens, cache=self.cache, slots=[r.slot for r in reqs])
+        logits = decode_step(self.model, self.cache, [r.generated[-1] for r in reqs], [r.slot for r in reqs])
         self.steps += 1
-        for r, row in zip(reqs, logits[:, -1]):
+        for r, row in zip(reqs, logits):
             r.logits = row
             self._emit(r)
 

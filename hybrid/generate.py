@@ -1,15 +1,12 @@
-"""Generation as small named steps: prefill (chunked), decode_one, sample, should_stop; the loop is short."""
+"""Generation as small named steps: prefill (chunked), decode_step, sample, should_stop; the loop is short."""
 
-import json
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-from pathlib import Path
-
 import torch
 
-from hybrid.errors import ConfigError, GenerationError
+from hybrid.errors import GenerationError
 from hybrid.kv_cache import MLACache
 from hybrid.sampling import SamplingParams, sample
 from hybrid.streaming import TextStream
@@ -40,32 +37,43 @@ def device_of(model) -> torch.device:
 
 
 def new_cache(model, n_positions: int, batch: int = 1) -> MLACache:
-    """A cache for n_positions on the device that runs attention, in the activations' dtype."""
+    """A cache for n_positions on the device that runs attention, in the activations' dtype. The model's own
+    limit is checked here; a plan's context limit is the Runtime's (hybrid.runtime.Runtime.new_cache)."""
     cfg = model.config
-    limit, why = cfg.max_position_embeddings, "max_position_embeddings"
-    if model.max_context is not None and model.max_context < limit:
-        limit, why = model.max_context, "the plan's context_length"
-    if n_positions > limit:
-        raise GenerationError(f"context overflow: {n_positions} positions requested, the limit is {limit} ({why})")
+    if n_positions > cfg.max_position_embeddings:
+        raise GenerationError(f"context overflow: {n_positions} positions requested, the limit is "
+                              f"{cfg.max_position_embeddings} (max_position_embeddings)")
     w = model.model.norm.weight
     return MLACache(cfg, n_positions, batch, device=w.device, dtype=model.model.embed_tokens.weight.dtype)
 
 
-def prefill(model, cache: MLACache, ids: list[int], chunk: int | None = None) -> torch.Tensor:
-    """Feed the prompt in chunks (default: the plan's prefill_chunk); returns the last position's logits
-    [vocab] float32."""
-    chunk = chunk or model.prefill_chunk or DEFAULT_PREFILL_CHUNK
+# The model is driven through these two functions only: generate() (one sequence), the server's Engine
+# (slots joining and leaving) and the profiler (batches of equal prompts) all call them.
+
+def prefill_rows(model, cache: MLACache, ids: torch.Tensor, chunk: int | None = None, slots=None) -> torch.Tensor:
+    """Feed prompts ids [B, T] into cache slots (default 0..B-1), `chunk` tokens per forward (default
+    DEFAULT_PREFILL_CHUNK: bounds the [chunk x context] attention scores); returns the last position's
+    logits [B, vocab] float32."""
+    chunk = chunk or DEFAULT_PREFILL_CHUNK
+    if ids.shape[1] == 0:
+        raise GenerationError("empty prompt: give at least one token")
+    ids = ids.to(device_of(model))
+    for start in range(0, ids.shape[1], chunk):
+        logits = model(ids[:, start:start + chunk], cache=cache, last_only=True, slots=slots)
+    return logits[:, -1]
+
+
+def prefill(model, cache: MLACache, ids: list[int], chunk: int | None = None, slot: int = 0) -> torch.Tensor:
+    """One prompt into one cache slot; returns the last position's logits [vocab] float32."""
     if not ids:
         raise GenerationError("empty prompt: give at least one token")
-    x = torch.tensor([ids], dtype=torch.long, device=device_of(model))
-    for start in range(0, len(ids), chunk):
-        logits = model(x[:, start:start + chunk], cache=cache, last_only=True)
-    return logits[0, -1]
+    return prefill_rows(model, cache, torch.tensor([ids], dtype=torch.long), chunk, [slot])[0]
 
 
-def decode_one(model, cache: MLACache, token: int) -> torch.Tensor:
-    x = torch.tensor([[token]], dtype=torch.long, device=device_of(model))
-    return model(x, cache=cache)[0, -1]
+def decode_step(model, cache: MLACache, tokens: list[int], slots=None) -> torch.Tensor:
+    """One new token per row (row b continues cache slot slots[b], default b) -> logits [B, vocab] float32."""
+    x = torch.tensor([[t] for t in tokens], dtype=torch.long, device=device_of(model))
+    return model(x, cache=cache, slots=slots)[:, -1]
 
 
 def should_stop(token: int, n_generated: int, params: SamplingParams, stop_ids) -> str | None:
@@ -74,49 +82,6 @@ def should_stop(token: int, n_generated: int, params: SamplingParams, stop_ids) 
     if n_generated >= params.max_new_tokens:
         return "length"
     return None
-
-
-K2_DEFAULT_TEMPERATURE = 0.6  # Moonshot's recommendation for Kimi-K2-Instruct
-
-
-def default_sampling(folder, model_type: str) -> dict:
-    """Sampling defaults: generation_config.json's temperature/top_p/top_k when it sets them, else K2's 0.6."""
-    gen_path = Path(folder) / "generation_config.json"
-    raw = {}
-    if gen_path.is_file():
-        try:
-            raw = json.loads(gen_path.read_text())
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{gen_path}: not valid JSON ({e})") from None
-    out = {k: raw[k] for k in ("temperature", "top_p", "top_k") if isinstance(raw.get(k), (int, float))}
-    if "temperature" not in out and model_type == "kimi_k2":
-        out["temperature"] = K2_DEFAULT_TEMPERATURE
-    if raw.get("do_sample") is False:
-        out["temperature"] = 0.0
-    return out
-
-
-def sampling_params(folder, config, temperature=None, top_p=None, top_k=None, min_p=0.0, seed=None,
-                    max_new_tokens=64) -> SamplingParams:
-    """SamplingParams from explicit values, falling back to the checkpoint's defaults (default_sampling)."""
-    given = {"temperature": temperature, "top_p": top_p, "top_k": top_k}
-    values = default_sampling(folder, config.model_type) | {k: v for k, v in given.items() if v is not None}
-    return SamplingParams(min_p=min_p, seed=seed, max_new_tokens=max_new_tokens, **values)
-
-
-def default_stop_ids(folder, model, tokenizer=None) -> set[int]:
-    """eos ids of config.json and generation_config.json, plus the chat end marker <|im_end|> when known."""
-    ids = set(model.config.eos_token_ids)
-    gen_path = Path(folder) / "generation_config.json"
-    if gen_path.is_file():
-        try:
-            eos = json.loads(gen_path.read_text()).get("eos_token_id")
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{gen_path}: not valid JSON ({e})") from None
-        ids.update(eos if isinstance(eos, list) else [] if eos is None else [eos])
-    if tokenizer is not None and tokenizer.token_id("<|im_end|>") is not None:
-        ids.add(tokenizer.token_id("<|im_end|>"))
-    return ids
 
 
 def make_step(token: int, n_generated: int, params: SamplingParams, stop_ids, text: TextStream | None) -> Step:
@@ -170,4 +135,4 @@ def generate(model, ids: list[int], params: SamplingParams, stop_ids=(), stats: 
         if step.finish_reason:
             stats.finish_reason = step.finish_reason
             return
-        logits = decode_one(model, cache, token)
+        logits = decode_step(model, cache, [token])[0]

@@ -56,8 +56,6 @@ class DeepseekV3ForCausalLM(nn.Module):
         self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.rope = Rope(cfg)
         self.deferred = None
-        self.prefill_chunk = None  # tokens per prefill forward, from the plan (None: generate's default)
-        self.max_context = None  # positions the plan reserved cache memory for (None: the model's own limit)
 
     def set_recorder(self, rec):
         """Hand one timing recorder (hybrid.timing) to every module that marks sections; NULL_RECORDER: off."""

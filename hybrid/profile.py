@@ -45,7 +45,7 @@ def run_profile(folder, plan_file=None, store=None, prompt_lens=(128,), gen=16, 
     """Measure the grid; returns the report dict (see README / docs/performance.md for its keys)."""
     from cpu_kernels.bench import BandwidthProbe
     from cpu_kernels.formats import parse_format
-    from hybrid.loader import load_model
+    from hybrid.runtime import open_runtime
     from placement import memory, presets
     from placement.planner import evaluate
     from placement.resolve import resolve_hardware
@@ -54,11 +54,13 @@ def run_profile(folder, plan_file=None, store=None, prompt_lens=(128,), gen=16, 
     cfg = ckpt.config
     hw = resolve_hardware()
     plan = plan_for(ckpt, plan_file, hw)
-    model = load_model(ckpt, plan=plan, store=store)
+    rt = open_runtime(ckpt, plan, store)
+    model = rt.model
     fmt = plan.settings.expert_format
     expert_bytes = memory.expert_bytes(cfg, str(parse_format(fmt)))
     counter = RoutingCounter().attach(model)
-    runs = [profile_run(model, n, gen, b, repeat, counter, expert_bytes) for b in batches for n in prompt_lens]
+    runs = [profile_run(model, n, gen, b, repeat, counter, expert_bytes, rt.prefill_chunk)
+            for b in batches for n in prompt_lens]
     counter.detach()
     threads = plan.settings.cpu_threads
     probe = BandwidthProbe(int(probe_gib * 2**30)).gbps(threads)

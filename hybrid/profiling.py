@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from hybrid.generate import decode_one, new_cache, prefill
+from hybrid.generate import decode_step, new_cache, prefill_rows
 from hybrid.sampling import SamplingParams, sample
 from hybrid.timing import NULL_RECORDER, CudaClock, TimelineRecorder, WallClock
 
@@ -75,19 +75,17 @@ def cpu_kernels_of(model) -> list:
     return [layer.mlp.experts.cpu for layer in model.model.layers if hasattr(getattr(layer.mlp, "experts", None), "cpu")]
 
 
-def one_repeat(model, ids: torch.Tensor, n_gen: int, counter: RoutingCounter | None):
+def one_repeat(model, ids: torch.Tensor, n_gen: int, counter: RoutingCounter | None, chunk: int | None = None):
     """Prefill then n_gen greedy decode steps; returns (prefill_s, decode wall s, timeline s, recorder, busy s)."""
     B, T = ids.shape
     cache = new_cache(model, T + n_gen, batch=B)
-    chunk = model.prefill_chunk or 256
     t0 = time.perf_counter()
-    for s in range(0, T, chunk):
-        logits = model(ids[:, s:s + chunk], cache=cache, last_only=True)
+    logits = prefill_rows(model, cache, ids, chunk)
     prefill_s = time.perf_counter() - t0
     rec = make_recorder(model)
     model.set_recorder(rec)
     params = SamplingParams()
-    tokens = torch.tensor([[sample(logits[b, -1], params)] for b in range(B)])
+    tokens = [sample(row, params) for row in logits]
     if counter is not None:
         counter.step_unique = []
     kernels = cpu_kernels_of(model)
@@ -96,9 +94,9 @@ def one_repeat(model, ids: torch.Tensor, n_gen: int, counter: RoutingCounter | N
     t0 = time.perf_counter()
     try:
         for _ in range(n_gen):
-            logits = model(tokens, cache=cache)
+            logits = decode_step(model, cache, tokens)
             with rec.section("sampling"):
-                tokens = torch.tensor([[sample(logits[b, -1], params)] for b in range(B)])
+                tokens = [sample(row, params) for row in logits]
         timeline = rec.stop()
     finally:
         model.set_recorder(NULL_RECORDER)
@@ -107,13 +105,14 @@ def one_repeat(model, ids: torch.Tensor, n_gen: int, counter: RoutingCounter | N
 
 
 def profile_run(model, prompt_len: int, n_gen: int, batch: int = 1, repeat: int = 3,
-                counter: RoutingCounter | None = None, expert_bytes: int = 0) -> dict:
-    """Warm-up once, then `repeat` measured runs; see the module docstring for what comes back."""
+                counter: RoutingCounter | None = None, expert_bytes: int = 0, chunk: int | None = None) -> dict:
+    """Warm-up once, then `repeat` measured runs (prefill `chunk` tokens per forward: the runtime's);
+    see the module docstring for what comes back."""
     ids = prompt_ids(model.config.vocab_size, batch, prompt_len)
-    one_repeat(model, ids, min(n_gen, 2), None)  # warm-up: kernels compiled, caches touched
+    one_repeat(model, ids, min(n_gen, 2), None, chunk)  # warm-up: kernels compiled, caches touched
     runs = []
     for _ in range(repeat):
-        prefill_s, wall, timeline, rec, busy = one_repeat(model, ids, n_gen, counter)
+        prefill_s, wall, timeline, rec, busy = one_repeat(model, ids, n_gen, counter, chunk)
         streamed = 0
         if counter is not None:  # the decode steps' distinct experts (prefill hooks ran before reset)
             streamed = sum(u for _, u in counter.step_unique) * expert_bytes

@@ -13,13 +13,14 @@ import pytest
 
 import hybrid.conversation as conversation
 from hybrid.chat import run_chat
+from hybrid.chat_template import chat_template_for
 from hybrid.conversation import ChatSession
 from hybrid.demo import DEMO_SPEC, ensure_demo_model, restrict_output
 from hybrid.errors import ConfigError, GenerationError
 from hybrid.generate import Step
 from hybrid.loader import load_model
 from hybrid.tiny import TinySpec, make_tiny
-from hybrid.tokenizer import Tokenizer
+from hybrid.runtime import open_runtime
 from hybrid.tools import Text, ToolCall, Warn
 
 HYBRID = str(Path(sys.executable).parent / "hybrid")
@@ -28,12 +29,12 @@ WEATHER = [{"type": "function", "function": {"name": "get_weather", "parameters"
 
 @pytest.fixture(scope="module")
 def net(k2_tiny):
-    return load_model(k2_tiny)
+    return open_runtime(k2_tiny)
 
 
 def session(k2_tiny, net, **kw):
     kw = {"temperature": 0, "max_new_tokens": 6} | kw
-    return ChatSession.open(k2_tiny, net, Tokenizer.from_folder(k2_tiny), **kw)
+    return ChatSession.open(net, **kw)
 
 
 def reply_text(events):
@@ -81,7 +82,7 @@ def test_no_template_and_no_k2_markers_is_a_clear_error(tmp_path):
             return None
 
     with pytest.raises(ConfigError, match="no chat template"):
-        conversation.chat_template_for(tmp_path, NoMarkers())
+        chat_template_for(tmp_path, NoMarkers())
 
 
 def test_cancel_keeps_the_partial_reply_and_the_session(k2_tiny, net):
@@ -137,7 +138,7 @@ def scripted(*replies):
     """A stand-in for generate(): each call streams the next scripted reply in 3-character steps."""
     replies = list(replies)
 
-    def fake_generate(model, ids, params, stop_ids, stats, tokenizer=None, cache=None):
+    def fake_generate(model, ids, params, stop_ids, stats, chunk=None, tokenizer=None, cache=None):
         text = replies.pop(0)
         pieces = [text[i:i + 3] for i in range(0, len(text), 3)]
         stats.prompt_tokens, stats.generated_tokens, stats.finish_reason = len(ids), len(pieces), "stop"
@@ -256,7 +257,7 @@ def test_terminal_session(chatty, tmp_path):
     """Through a pseudo-terminal, as a person types: a turn stopped by Ctrl-C, a turn that runs until the
     context is full, /stats, and Ctrl-D."""
     pexpect = pytest.importorskip("pexpect")
-    s = ChatSession.open(chatty, load_model(chatty), Tokenizer.from_folder(chatty), temperature=0, max_new_tokens=8)
+    s = ChatSession.open(open_runtime(chatty), temperature=0, max_new_tokens=8)
     s.add_user("Hello")
     start = reply_text(s.respond())  # what the terminal must show first: greedy, so the same
     env = os.environ | {"XDG_CACHE_HOME": str(tmp_path), "TERM": "xterm", "PROMPT_TOOLKIT_NO_CPR": "1",

@@ -13,7 +13,7 @@ LAYERS = {
     "hybrid.tiny": 1, "hybrid.convert": 1,
     "placement": 2,
     "hybrid.layers": 3, "hybrid.rope": 3, "hybrid.kv_cache": 3, "hybrid.experts": 3, "hybrid.model": 3,
-    "hybrid.loader": 3, "hybrid.runtime": 3, "hybrid.timing": 3, "hybrid.profiling": 4,
+    "hybrid.loader": 3, "hybrid.timing": 3, "hybrid.runtime": 4, "hybrid.profiling": 4,
     "hybrid.sampling": 4, "hybrid.generate": 4, "hybrid.tokenizer": 4, "hybrid.chat_template": 4,
     "hybrid.streaming": 4, "hybrid.engine": 4,
     "hybrid.tools": 4, "hybrid.conversation": 4, "hybrid.demo": 4,

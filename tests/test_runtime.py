@@ -5,7 +5,8 @@ import torch
 
 from cpu_kernels.formats import MATVEC_ERROR_BOUND
 from hybrid.experts import HybridExperts
-from hybrid.generate import Stats, default_sampling, generate, sampling_params
+from hybrid.generate import Stats, generate
+from hybrid.runtime import default_sampling, open_runtime, read_generation_config
 from hybrid.layers import Fp8Linear
 from hybrid.loader import load_model
 from hybrid.sampling import SamplingParams
@@ -101,12 +102,13 @@ def test_expert_deferral_is_off_by_default_and_changes_little_when_on(k2_tiny, r
     assert rel_err(steps, deferred(ids)) < 1e-5
 
 
-def test_sampling_defaults(tmp_path, k2_tiny):
-    assert default_sampling(k2_tiny, "kimi_k2") == {"temperature": 0.6}
+def test_sampling_defaults(tmp_path, k2_tiny, k2_copy):
+    assert default_sampling(read_generation_config(k2_tiny), "kimi_k2") == {"temperature": 0.6}
     (tmp_path / "generation_config.json").write_text('{"temperature": 0.3, "top_p": 0.9}')
-    assert default_sampling(tmp_path, "kimi_k2") == {"temperature": 0.3, "top_p": 0.9}
-    assert default_sampling(tmp_path / "none", "deepseek_v3") == {}
-    p = sampling_params(tmp_path, reference_config(k2_tiny), temperature=0.0)
+    assert default_sampling(read_generation_config(tmp_path), "kimi_k2") == {"temperature": 0.3, "top_p": 0.9}
+    assert default_sampling(read_generation_config(tmp_path / "none"), "deepseek_v3") == {}
+    (k2_copy / "generation_config.json").write_text('{"temperature": 0.3, "top_p": 0.9}')
+    p = open_runtime(k2_copy).sampling(temperature=0.0)
     assert p.temperature == 0.0 and p.top_p == 0.9
 
 
@@ -163,12 +165,13 @@ def test_the_plans_context_and_chunk_are_obeyed(k2_tiny):
 
     p = Plan("test", Settings(cpu_threads=2, context_length=64, prefill_chunk=16),
              (Rule(EXPERTS, "cpu", "bf16", "cpu_moe"), Rule(".*", "cuda:0", "fp32", "torch")))
-    model = load_model(k2_tiny, plan=p)
-    assert (model.prefill_chunk, model.max_context) == (16, 64)
+    rt = open_runtime(k2_tiny, p)
+    assert (rt.prefill_chunk, rt.max_context) == (16, 64)
     with pytest.raises(GenerationError, match="plan's context_length"):
-        list(generate(model, list(range(60)), SamplingParams(max_new_tokens=10)))
+        rt.new_cache(60 + 10)
     calls = []
-    hook = model.model.layers[0].register_forward_hook(lambda m, i, o: calls.append(o.shape[1]))
-    list(generate(model, list(range(40)), SamplingParams(max_new_tokens=1)))
+    hook = rt.model.model.layers[0].register_forward_hook(lambda m, i, o: calls.append(o.shape[1]))
+    list(generate(rt.model, list(range(40)), SamplingParams(max_new_tokens=1), chunk=rt.prefill_chunk,
+                  cache=rt.new_cache(41)))
     hook.remove()
     assert calls == [16, 16, 8]

@@ -272,3 +272,27 @@ def test_hybrid_serve_command(k2_tiny):
     finally:
         proc.send_signal(signal.SIGINT)
         proc.wait(timeout=30)
+
+
+def test_request_sampling_reaches_the_sampler(client, service, server):
+    """top_k, min_p and seed sent by a client sample exactly what the library's generate() samples with the
+    same values over the same defaults (Runtime.sampling, the one merge every front end uses)."""
+    from hybrid.generate import Stats, generate
+
+    ids, kw = [5, 6, 7, 8], dict(temperature=1.0, top_k=3, min_p=0.05, seed=7)
+
+    def library(**values):
+        stats = Stats()
+        params = service.runtime.sampling(max_new_tokens=12, **values)
+        list(generate(service.model, ids, params, service.stop_ids, stats, tokenizer=service.tokenizer))
+        return stats.text
+
+    assert library(**kw) != library(**(kw | {"top_k": 0, "min_p": 0.0}))  # the filters change this draw
+    r = client.completions.create(model="m", prompt=ids, max_tokens=12, temperature=1.0, seed=7,
+                                  extra_body={"top_k": 3, "min_p": 0.05})
+    assert r.choices[0].text == library(**kw)
+    # Anthropic's top_k (its API has no seed): top_k=1 at any temperature is the greedy reply
+    body = {"max_tokens": 12, "temperature": 1.0, "top_k": 1, "messages": [{"role": "user", "content": "Hi"}]}
+    greedy = client.chat.completions.create(model="m", messages=body["messages"], max_tokens=12, temperature=0)
+    code, text = raw(server, "/v1/messages", body)
+    assert code == 200 and json.loads(text)["content"][0]["text"] == greedy.choices[0].message.content

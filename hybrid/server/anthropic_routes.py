@@ -82,9 +82,8 @@ async def messages(body: AnthropicRequest, request: Request):
     tools = tools_of(body) if choice != "none" else None
     prefix = forced_prefix(choice, tools)
     ids = svc.prompt(messages_of(body), tools, prefix)
-    temperature = None if body.temperature is None else body.temperature * K2_TEMPERATURE_SCALE
-    params = svc.params(len(ids), temperature if temperature is not None else K2_TEMPERATURE_SCALE, body.top_p,
-                        body.max_tokens)
+    temperature = K2_TEMPERATURE_SCALE * (1.0 if body.temperature is None else body.temperature)
+    params = svc.params(len(ids), body.max_tokens, temperature=temperature, top_p=body.top_p, top_k=body.top_k)
     splitter = ReplySplitter(parse=bool(tools), prefix=prefix)
     steps = await svc.run(ids, params, body.stop_sequences or [], request)
     head = {"id": f"msg_{uuid.uuid4().hex[:24]}", "type": "message", "role": "assistant", "model": svc.name}

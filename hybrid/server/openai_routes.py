@@ -43,6 +43,10 @@ def tools_of(req: ChatRequest) -> list[dict] | None:
     return [t.model_dump(exclude_unset=True) for t in req.tools]
 
 
+def sampling_of(body) -> dict:
+    return {k: getattr(body, k) for k in ("temperature", "top_p", "top_k", "min_p", "seed")}
+
+
 def usage(prompt: int, completion: int) -> dict:
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
@@ -72,8 +76,7 @@ async def chat_completions(body: ChatRequest, request: Request):
     tools = tools_of(body)
     prefix = forced_prefix(body.tool_choice, tools)
     ids = svc.prompt(messages_of(body), tools, prefix)
-    params = svc.params(len(ids), body.temperature, body.top_p, body.max_completion_tokens or body.max_tokens,
-                        body.seed)
+    params = svc.params(len(ids), body.max_completion_tokens or body.max_tokens, **sampling_of(body))
     stop = [body.stop] if isinstance(body.stop, str) else (body.stop or [])
     splitter = ReplySplitter(parse=bool(tools), prefix=prefix)
     head = {"id": f"chatcmpl-{uuid.uuid4().hex[:24]}", "created": int(time.time()), "model": svc.name}
@@ -123,7 +126,7 @@ async def completions(body: CompletionRequest, request: Request):
     ids = body.prompt if isinstance(body.prompt, list) else svc.tokenizer.encode(body.prompt, allow_special=True)
     if not ids:
         raise ServeError(400, "prompt is empty: give at least one token", "prompt")
-    params = svc.params(len(ids), body.temperature, body.top_p, body.max_tokens, body.seed)
+    params = svc.params(len(ids), body.max_tokens, **sampling_of(body))
     stop = [body.stop] if isinstance(body.stop, str) else (body.stop or [])
     head = {"id": f"cmpl-{uuid.uuid4().hex[:24]}", "object": "text_completion", "created": int(time.time()),
             "model": svc.name}

@@ -59,6 +59,8 @@ class ChatRequest(Loose):
     tool_choice: str | dict[str, Any] | None = None
     temperature: float | None = Field(default=None, ge=0, le=2)
     top_p: float | None = Field(default=None, gt=0, le=1)
+    top_k: int | None = Field(default=None, ge=0)  # vLLM's extensions, as K2's deployments accept them
+    min_p: float | None = Field(default=None, ge=0, lt=1)
     max_tokens: int | None = Field(default=None, ge=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
     stop: str | list[str] | None = None
@@ -74,6 +76,8 @@ class CompletionRequest(Loose):
     prompt: str | list[int]
     temperature: float | None = Field(default=None, ge=0, le=2)
     top_p: float | None = Field(default=None, gt=0, le=1)
+    top_k: int | None = Field(default=None, ge=0)
+    min_p: float | None = Field(default=None, ge=0, lt=1)
     max_tokens: int | None = Field(default=16, ge=1)
     stop: str | list[str] | None = None
     seed: int | None = Seed
@@ -108,5 +112,6 @@ class AnthropicRequest(Loose):
     tool_choice: AnthropicToolChoice | None = None
     temperature: float | None = Field(default=None, ge=0, le=1)
     top_p: float | None = Field(default=None, gt=0, le=1)
+    top_k: int | None = Field(default=None, ge=0)
     stop_sequences: list[str] | None = None
     stream: bool = False

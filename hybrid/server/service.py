@@ -15,7 +15,6 @@ from dataclasses import dataclass, field
 
 from hybrid.engine import Engine, Request
 from hybrid.errors import EngineError, GenerationError
-from hybrid.generate import default_sampling, default_stop_ids
 from hybrid.sampling import SamplingParams
 from hybrid.tools import ARGUMENT_BEGIN, CALL_BEGIN, SECTION_BEGIN, Text, ToolCall, ToolCallStream, Warn
 
@@ -66,14 +65,15 @@ class Counters:
 
 
 class Service:
-    def __init__(self, model, tokenizer, template, folder, name: str, max_concurrency: int = 4,
-                 max_context: int | None = None):
-        if tokenizer is None or template is None:
-            raise GenerationError(f"{folder}: serving needs the checkpoint's tokenizer and a chat template")
-        self.model, self.tokenizer, self.template, self.name = model, tokenizer, template, name
-        self.engine = Engine(model, tokenizer, max_batch=max_concurrency, max_context=max_context)
-        self.stop_ids = frozenset(default_stop_ids(folder, model, tokenizer))
-        self.defaults = default_sampling(folder, model.config.model_type)
+    def __init__(self, runtime, name: str, max_concurrency: int = 4, max_context: int | None = None):
+        """runtime: an opened hybrid.runtime.Runtime (it needs a tokenizer and a chat template);
+        max_context: positions per request, at most the runtime's limit."""
+        self.runtime, self.name = runtime, name
+        self.model, self.tokenizer, self.template = runtime.model, runtime.tokenizer, runtime.chat_template()
+        self.engine = Engine(runtime.model, runtime.tokenizer, max_batch=max_concurrency,
+                             max_context=min(max_context or runtime.max_context, runtime.max_context),
+                             prefill_chunk=runtime.prefill_chunk)
+        self.stop_ids = runtime.stop_ids
         self.counters = Counters()
         self.created = int(time.time())
 
@@ -93,7 +93,9 @@ class Service:
         except GenerationError as e:
             raise ServeError(400, str(e).replace(self.template.origin, "server"), "messages") from None
 
-    def params(self, n_prompt: int, temperature=None, top_p=None, max_tokens=None, seed=None) -> SamplingParams:
+    def params(self, n_prompt: int, max_tokens=None, **sampling) -> SamplingParams:
+        """The request's SamplingParams: its temperature, top_p, top_k, min_p and seed (None: not sent) over
+        the checkpoint's defaults, the same merge every front end makes (Runtime.sampling)."""
         room = self.max_context - n_prompt
         if room < 1:
             raise ServeError(400, f"the prompt has {n_prompt} tokens; this server's context is {self.max_context}",
@@ -101,9 +103,7 @@ class Service:
         if max_tokens is not None and max_tokens > room:
             raise ServeError(400, f"max_tokens {max_tokens} + {n_prompt} prompt tokens exceed the context of "
                                   f"{self.max_context}", "max_tokens", "context_length_exceeded")
-        values = dict(self.defaults)
-        values.update({k: v for k, v in (("temperature", temperature), ("top_p", top_p)) if v is not None})
-        return SamplingParams(seed=seed, max_new_tokens=max_tokens or room, **values)
+        return self.runtime.sampling(max_new_tokens=max_tokens or room, **sampling)
 
     async def run(self, ids: list[int], params: SamplingParams, stop=(), http_request=None, param="messages",
                   ignore_eos: bool = False):
@@ -279,23 +279,9 @@ def tool_arguments(call: ToolCall) -> dict:
 
 def load_service(folder, plan_file=None, store=None, name=None, max_concurrency: int = 4,
                  max_context: int | None = None) -> Service:
-    """Model, tokenizer and chat template of a checkpoint folder (K2's packaged template when it ships none)."""
+    """A Service on the checkpoint at `folder` (K2's packaged template when it ships none)."""
     from pathlib import Path
 
-    from hybrid.checkpoint import Checkpoint
-    from hybrid.conversation import chat_template_for
-    from hybrid.loader import load_model
-    from hybrid.tokenizer import Tokenizer
+    from hybrid.runtime import open_runtime
 
-    ckpt = Checkpoint.open(folder)
-    plan = None
-    if plan_file:
-        from placement.plan_file import load_checked_plan
-
-        plan = load_checked_plan(plan_file, ckpt.config)
-    tokenizer = Tokenizer.from_folder(folder)
-    if tokenizer is None:
-        raise GenerationError(f"{folder}: serving needs the checkpoint's tokenizer (tiktoken.model or tokenizer.json)")
-    template = chat_template_for(folder, tokenizer)  # the same choice `hybrid chat` makes
-    model = load_model(ckpt, plan=plan, store=store)
-    return Service(model, tokenizer, template, folder, name or Path(folder).name, max_concurrency, max_context)
+    return Service(open_runtime(folder, plan_file, store, needs_chat=True), name or Path(folder).name, max_concurrency, max_context)

@@ -1,0 +1,138 @@
+"""Opening a model once: the checkpoint, its plan, tokenizer, chat template and generation_config.json are
+read and checked here, the weights loaded, and everything the front ends need comes back in one frozen
+Runtime. generate, chat, serve, profile and the benchmarks all start from `open_runtime`; nothing reads
+settings off the model.
+
+What a Runtime decides, each in one place:
+- context limit: the plan's context_length (the cache memory it reserved); without a plan the model's
+  max_position_embeddings, capped at NO_PLAN_CONTEXT (that path is the plain fp32 torch model of tests and
+  tiny checkpoints, not something to size for 256K positions);
+- prefill chunk: the plan's prefill_chunk, else generate.DEFAULT_PREFILL_CHUNK;
+- sampling defaults: generation_config.json's temperature/top_p/top_k (do_sample false: greedy), else K2's
+  0.6 for kimi_k2 checkpoints; a request's or a flag's values override them (`sampling`);
+- stop ids: the eos ids of config.json and generation_config.json, plus <|im_end|> when the tokenizer has it;
+- the attention device, where caches are built.
+"""
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from hybrid.chat_template import ChatTemplate, chat_template_for
+from hybrid.checkpoint import Checkpoint
+from hybrid.errors import ConfigError, GenerationError
+from hybrid.generate import DEFAULT_PREFILL_CHUNK, new_cache
+from hybrid.kv_cache import MLACache
+from hybrid.loader import load_model
+from hybrid.sampling import SamplingParams
+from hybrid.tokenizer import Tokenizer
+
+NO_PLAN_CONTEXT = 16384
+K2_DEFAULT_TEMPERATURE = 0.6  # Moonshot's recommendation for Kimi-K2-Instruct
+
+
+@dataclass(frozen=True)
+class Runtime:
+    folder: Path
+    model: torch.nn.Module  # a loaded DeepseekV3ForCausalLM
+    plan: object | None  # the placement.plan.Plan applied, or None (plain torch)
+    tokenizer: Tokenizer | None
+    template: ChatTemplate | None  # None: the checkpoint has none and is not K2's tokenizer
+    sampling_defaults: dict = field(default_factory=dict)
+    stop_ids: frozenset = frozenset()
+    max_context: int = 0
+    prefill_chunk: int = DEFAULT_PREFILL_CHUNK
+
+    @property
+    def config(self):
+        return self.model.config
+
+    @property
+    def device(self) -> torch.device:
+        """Where attention runs, and so where caches live."""
+        return self.model.model.norm.weight.device
+
+    def sampling(self, temperature=None, top_p=None, top_k=None, min_p=None, seed=None,
+                 max_new_tokens: int = 64) -> SamplingParams:
+        """SamplingParams: the values given (None: not given) over the checkpoint's defaults."""
+        given = {"temperature": temperature, "top_p": top_p, "top_k": top_k, "min_p": min_p}
+        values = self.sampling_defaults | {k: v for k, v in given.items() if v is not None}
+        return SamplingParams(seed=seed, max_new_tokens=max_new_tokens, **values)
+
+    def chat_template(self) -> ChatTemplate:
+        """The template chat and serve render with; one ConfigError when the checkpoint has none."""
+        if self.tokenizer is None:
+            raise ConfigError(f"{self.folder}: no tokenizer (tiktoken.model or tokenizer.json), which chat and "
+                              "serve need")
+        return self.template or chat_template_for(self.folder, self.tokenizer)
+
+    def new_cache(self, n_positions: int, batch: int = 1) -> MLACache:
+        """A cache on the attention device; refuses more positions than the context limit."""
+        if n_positions > self.max_context:
+            why = "the plan's context_length" if self.plan is not None else "the model's limit"
+            raise GenerationError(f"context overflow: {n_positions} positions requested, the limit is "
+                                  f"{self.max_context} ({why})")
+        return new_cache(self.model, n_positions, batch)
+
+
+def open_runtime(folder, plan=None, store=None, progress=None, needs_chat: bool = False) -> Runtime:
+    """Open the checkpoint at `folder` and load it as `plan` says (a Plan, a plan file path, or None for the
+    plain torch model); `store`: a converted expert store. Every file is read and checked before any weight
+    is loaded, the tokenizer and chat template too when `needs_chat` (chat, serve). progress(done, total)
+    follows the load."""
+    ckpt = folder if isinstance(folder, Checkpoint) else Checkpoint.open(folder)
+    folder = Path(ckpt.folder)
+    if plan is not None and not hasattr(plan, "settings"):
+        from placement.plan_file import load_checked_plan
+
+        plan = load_checked_plan(plan, ckpt.config)
+    tokenizer = Tokenizer.from_folder(folder)
+    template = chat_template_for(folder, tokenizer, required=False) if tokenizer is not None else None
+    generation = read_generation_config(folder)
+    if needs_chat:
+        Runtime(folder, None, plan, tokenizer, template).chat_template()  # its error, before minutes of loading
+    model = load_model(ckpt, plan=plan, store=store, progress=progress)
+    cfg = ckpt.config
+    if plan is not None:
+        max_context, chunk = plan.settings.context_length, plan.settings.prefill_chunk or DEFAULT_PREFILL_CHUNK
+    else:
+        max_context, chunk = min(cfg.max_position_embeddings, NO_PLAN_CONTEXT), DEFAULT_PREFILL_CHUNK
+    return Runtime(folder, model, plan, tokenizer, template, default_sampling(generation, cfg.model_type),
+                   frozenset(stop_ids(generation, cfg, tokenizer)), max_context, chunk)
+
+
+def read_generation_config(folder) -> dict:
+    """generation_config.json as a dict ({} when the checkpoint has none)."""
+    path = Path(folder) / "generation_config.json"
+    if not path.is_file():
+        return {}
+    try:
+        raw = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: must hold a JSON object")
+    return raw
+
+
+def default_sampling(generation: dict, model_type: str) -> dict:
+    """Sampling defaults: generation_config.json's temperature/top_p/top_k when it sets them, else K2's 0.6."""
+    out = {k: generation[k] for k in ("temperature", "top_p", "top_k")
+           if isinstance(generation.get(k), (int, float)) and not isinstance(generation.get(k), bool)}
+    if "temperature" not in out and model_type == "kimi_k2":
+        out["temperature"] = K2_DEFAULT_TEMPERATURE
+    if generation.get("do_sample") is False:
+        out["temperature"] = 0.0
+    return out
+
+
+def stop_ids(generation: dict, config, tokenizer=None) -> set[int]:
+    """eos ids of config.json and generation_config.json, plus the chat end marker <|im_end|> when known."""
+    ids = set(config.eos_token_ids)
+    eos = generation.get("eos_token_id")
+    ids.update(eos if isinstance(eos, list) else [] if eos is None else [eos])
+    if tokenizer is not None and tokenizer.token_id("<|im_end|>") is not None:
+        ids.add(tokenizer.token_id("<|im_end|>"))
+    return ids
