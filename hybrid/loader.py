@@ -5,7 +5,8 @@ reference path). With a plan (placement.plan.Plan), per tensor: the first matchi
 routed experts whose kernel is `cpu_moe` become cpu_kernels.MoEExperts (from a converted expert store when
 given, else quantized from the checkpoint at load), wrapped in HybridExperts with any experts the plan puts
 on the GPU; `fp8` projections stay block-FP8 (Fp8Linear). A plan device "cuda:N" falls back to the CPU when
-this machine has no such GPU, so every plan runs here the way it would run there.
+this machine has no such GPU, so every plan runs here the way it would run there. A plan with `expert_backing:
+disk` needs the store: its memory map lets the page cache hold what fits, where quantizing at load would not.
 The router's weight and correction bias stay float32 whatever the dtype, as the reference keeps them.
 """
 
@@ -18,18 +19,31 @@ from hybrid.errors import CheckpointError, PlanError
 from hybrid.experts import HybridExperts
 from hybrid.layers import MLP, Fp8Linear, MoE
 from hybrid.model import DeepseekV3ForCausalLM
+from placement.hardware import gpu_index
 
 FP32_ALWAYS = ("mlp.gate.weight", "e_score_correction_bias")
 TORCH_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
 
 def torch_device(name: str) -> torch.device:
-    """The torch device for a plan device name; cuda:N without that GPU here runs on the CPU."""
-    if name.startswith("cuda") and torch.cuda.is_available():
-        index = int(name.partition(":")[2] or 0)
-        if index < torch.cuda.device_count():
-            return torch.device(name)
+    """The torch device for a plan device name; a GPU this machine does not have runs on the CPU."""
+    index = gpu_index(name)
+    if index is not None and torch.cuda.is_available() and index < torch.cuda.device_count():
+        return torch.device(name)
     return torch.device("cpu")
+
+
+def cache_device(plan) -> torch.device:
+    """Where the MLA cache belongs: the plan's cache_device (the attention's device); the CPU without a plan."""
+    return torch_device(plan.cache_device) if plan is not None else torch.device("cpu")
+
+
+def _check_backing(plan, store):
+    """Disk-backed experts are the store's memory map, paged in as used; quantizing at load would hold every
+    expert in RAM, which the plan says does not fit."""
+    if plan.settings.expert_backing == "disk" and store is None and any(r.kernel == "cpu_moe" for r in plan.rules):
+        raise PlanError(f"{plan.source}: expert_backing disk keeps routed experts memory-mapped from an expert "
+                        f"store: give one (--store, from hybrid convert); quantizing at load would hold them in RAM")
 
 
 def compute_dtype(plan, cfg) -> torch.dtype:
@@ -46,6 +60,7 @@ def load_model(checkpoint, plan=None, store=None, dtype=torch.float32, progress=
     with torch.device("meta"):
         model = DeepseekV3ForCausalLM(cfg)
     if plan is not None:
+        _check_backing(plan, store)
         dtype = compute_dtype(plan, cfg)
         _install_cpu_experts(model, ckpt, plan, store, dtype)
     params = dict(model.named_parameters())
@@ -64,8 +79,6 @@ def load_model(checkpoint, plan=None, store=None, dtype=torch.float32, progress=
             progress(i + 1, len(params))
     if plan is not None:
         model.set_deferral(plan.settings.defer_experts)
-        model.prefill_chunk = plan.settings.prefill_chunk
-        model.max_context = plan.settings.context_length
     return model.eval()
 
 

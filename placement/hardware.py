@@ -4,9 +4,13 @@ Every value can come from detection, a hardware YAML (`hybrid plan --hardware hw
 `hybrid profile` writes with measured bandwidths), or flags. Memory sizes are binary (GiB), as DIMMs and GPUs
 are sold: "768GB" of RAM means 768 GiB. Bandwidths are achievable read rates in GB/s (1e9 bytes/s).
 
+GPUs are numbered as torch.cuda numbers them; GPU i is the plan device `gpu_device(i)`. The planner plans for
+the first (one GPU today: attention, cache and the GPU weights on it); the others are described, not used.
+
 hardware YAML keys (all optional but gpu/ram when not detected):
-  gpu: "RTX 4090"            # a GPU_TABLE name, or a mapping {name, memory_gib, bandwidth_gbps, bf16_tflops, pcie_gbps}
-  gpu_memory_gib: 24         # overrides the table
+  gpu: "RTX 4090"            # a GPU_TABLE name, or a mapping {name, memory_gib, bandwidth_gbps, bf16_tflops,
+                             # pcie_gbps}, or a list of those for several GPUs, in device order
+  gpu_memory_gib: 24         # the first GPU's memory, overriding the table
   ram_gib: 768               # total system memory
   ram_available_gib: 740     # what the runtime may use (default: total minus RAM_RESERVE_GIB)
   memory: DDR5-4800x8        # type and channels -> ram_bandwidth_gbps, unless given
@@ -56,12 +60,23 @@ class GPU:
     pcie_gbps: float = 24.0
 
 
+def gpu_device(index: int) -> str:
+    """The plan (and torch) device name of GPU number `index`: the one place that spells it."""
+    return f"cuda:{index}"
+
+
+def gpu_index(device: str) -> int | None:
+    """GPU number of a plan device name (`gpu_device`'s inverse); None for cpu or anything else."""
+    m = re.fullmatch(r"cuda:(\d+)", device)
+    return int(m[1]) if m else None
+
+
 @dataclass(frozen=True)
 class Hardware:
-    gpu: GPU | None
     ram_gib: float
     ram_available_gib: float
     cores: int
+    gpus: tuple[GPU, ...] = ()  # in device order: gpus[i] is gpu_device(i)
     numa_nodes: int = 1
     cpu_features: tuple[str, ...] = ("avx2",)
     ram_bandwidth_gbps: float = 50.0
@@ -72,6 +87,16 @@ class Hardware:
     cpu_torch_efficiency: float = 0.4
     source: str = "flags"
     notes: tuple[str, ...] = field(default=())
+
+    @property
+    def gpu(self) -> GPU | None:
+        """The GPU the planner plans for: the first one (None without a GPU)."""
+        return self.gpus[0] if self.gpus else None
+
+    @property
+    def gpu_device(self) -> str | None:
+        """The plan device name of `gpu`."""
+        return gpu_device(0) if self.gpus else None
 
     @property
     def cpu_flops(self) -> float:
@@ -124,12 +149,12 @@ def memory_bandwidth(spec: str) -> float:
 def describe(gpu=None, gpu_memory=None, ram=None, memory=None, ram_bandwidth=None, cores=None, numa_nodes=None,
              disk_bandwidth=None, base: Hardware | None = None, source="flags") -> Hardware:
     """A Hardware from flag values, each overriding `base` (detected hardware) when given."""
-    hw = base or Hardware(gpu=None, ram_gib=0.0, ram_available_gib=0.0, cores=os.cpu_count() or 1, source=source)
+    hw = base or Hardware(ram_gib=0.0, ram_available_gib=0.0, cores=os.cpu_count() or 1, source=source)
     changes = {"source": source if base is None else f"{base.source} + {source}"}
     if gpu is not None:
-        changes["gpu"] = None if str(gpu).lower() in ("none", "no", "0") else gpu_from_name(gpu, gpu_memory)
-    elif gpu_memory is not None and hw.gpu is not None:
-        changes["gpu"] = replace(hw.gpu, memory_gib=float(gpu_memory))
+        changes["gpus"] = () if str(gpu).lower() in ("none", "no", "0") else (gpu_from_name(gpu, gpu_memory),)
+    elif gpu_memory is not None and hw.gpus:
+        changes["gpus"] = (replace(hw.gpus[0], memory_gib=float(gpu_memory)),) + hw.gpus[1:]
     if ram is not None:
         total = parse_size_gib(ram, "--ram")
         changes.update(ram_gib=total, ram_available_gib=max(total - RAM_RESERVE_GIB, 0.0))
@@ -171,22 +196,25 @@ def load_hardware(path) -> Hardware:
         raise PlanError(f"{path}: bad value ({e})") from None
 
 
-def _hardware_from_dict(raw: dict, source: str) -> Hardware:
-    gpu = raw.get("gpu")
+def _gpu_from_yaml(gpu) -> GPU | None:
     if isinstance(gpu, dict):
-        gpu = GPU(str(gpu["name"]), float(gpu["memory_gib"]), float(gpu["bandwidth_gbps"]),
-                  float(gpu["bf16_tflops"]), float(gpu.get("pcie_gbps", 24.0)))
-    elif gpu is not None:
-        gpu = None if str(gpu).lower() == "none" else gpu_from_name(str(gpu))
-    if gpu is not None and "gpu_memory_gib" in raw:
-        gpu = replace(gpu, memory_gib=float(raw["gpu_memory_gib"]))
+        return GPU(str(gpu["name"]), float(gpu["memory_gib"]), float(gpu["bandwidth_gbps"]),
+                   float(gpu["bf16_tflops"]), float(gpu.get("pcie_gbps", 24.0)))
+    return None if gpu is None or str(gpu).lower() == "none" else gpu_from_name(str(gpu))
+
+
+def _hardware_from_dict(raw: dict, source: str) -> Hardware:
+    listed = raw.get("gpu") if isinstance(raw.get("gpu"), list) else [raw.get("gpu")]
+    gpus = tuple(g for g in map(_gpu_from_yaml, listed) if g is not None)
+    if gpus and "gpu_memory_gib" in raw:
+        gpus = (replace(gpus[0], memory_gib=float(raw["gpu_memory_gib"])),) + gpus[1:]
     if "ram_gib" not in raw:
         raise PlanError(f"{source}: key 'ram_gib' is missing")
     ram = parse_size_gib(raw["ram_gib"], f"{source}: ram_gib")
     bw = float(raw["ram_bandwidth_gbps"]) if "ram_bandwidth_gbps" in raw else (
         memory_bandwidth(raw["memory"]) if "memory" in raw else 50.0)
     return Hardware(
-        gpu=gpu, ram_gib=ram,
+        gpus=gpus, ram_gib=ram,
         ram_available_gib=parse_size_gib(raw.get("ram_available_gib", max(ram - RAM_RESERVE_GIB, 0)), "ram_available_gib"),
         cores=int(raw.get("cores", os.cpu_count() or 1)), numa_nodes=int(raw.get("numa_nodes", 1)),
         cpu_features=tuple(raw.get("cpu_features", ("avx2",))), ram_bandwidth_gbps=bw,
@@ -202,33 +230,39 @@ def hardware_to_dict(hw: Hardware) -> dict:
            "ram_bandwidth_gbps": round(hw.ram_bandwidth_gbps, 2), "cpu_gflops": round(hw.cpu_flops / 1e9, 1),
            "disk_read_gbps": hw.disk_read_gbps, "layer_overhead_us": hw.layer_overhead_us,
            "cpu_kernel_efficiency": hw.cpu_kernel_efficiency, "cpu_torch_efficiency": hw.cpu_torch_efficiency}
-    if hw.gpu is not None:
-        out["gpu"] = {"name": hw.gpu.name, "memory_gib": hw.gpu.memory_gib, "bandwidth_gbps": hw.gpu.bandwidth_gbps,
-                      "bf16_tflops": hw.gpu.bf16_tflops, "pcie_gbps": hw.gpu.pcie_gbps}
+    gpus = [{"name": g.name, "memory_gib": g.memory_gib, "bandwidth_gbps": g.bandwidth_gbps,
+             "bf16_tflops": g.bf16_tflops, "pcie_gbps": g.pcie_gbps} for g in hw.gpus]
+    if gpus:
+        out["gpu"] = gpus[0] if len(gpus) == 1 else gpus  # one GPU: the mapping files have always held
     return out
 
 
 def detect() -> Hardware:
-    """This machine: GPU through torch.cuda (when present), RAM, physical cores, NUMA nodes, CPU features.
+    """This machine: GPUs through torch.cuda (when present), RAM, physical cores, NUMA nodes, CPU features.
     Bandwidths are estimates until `hybrid profile` measures them."""
     total, available = _meminfo_gib()
     features = _cpu_flags()
     cores = _physical_cores()
-    return Hardware(gpu=_detect_gpu(), ram_gib=total, ram_available_gib=max(min(available, total - RAM_RESERVE_GIB), 0),
+    return Hardware(gpus=_detect_gpus(), ram_gib=total,
+                    ram_available_gib=max(min(available, total - RAM_RESERVE_GIB), 0),
                     cores=cores, numa_nodes=_numa_nodes(), cpu_features=features,
                     ram_bandwidth_gbps=min(12.0 * cores, 400.0), source="detected",
                     notes=("ram bandwidth estimated at 12 GB/s per core; run `hybrid profile` to measure it",))
 
 
-def _detect_gpu():
+def _detect_gpus() -> tuple[GPU, ...]:
     try:
         import torch
     except ImportError:
-        return None
+        return ()
     if not torch.cuda.is_available():
-        return None
-    props = torch.cuda.get_device_properties(0)
-    free, total = torch.cuda.mem_get_info(0)
+        return ()
+    return tuple(_detect_gpu(torch, i) for i in range(torch.cuda.device_count()))
+
+
+def _detect_gpu(torch, index: int) -> GPU:
+    props = torch.cuda.get_device_properties(index)
+    free, total = torch.cuda.mem_get_info(index)
     key = _match_gpu(props.name)
     bw, tflops, pcie = GPU_TABLE[key][1:] if key else (1000.0, 100.0, 24.0)
     return GPU(props.name, free / 2**30, bw, tflops, pcie)

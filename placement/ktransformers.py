@@ -17,7 +17,10 @@ from pathlib import Path
 import yaml
 
 from hybrid.errors import PlanError
+from placement.hardware import gpu_device, gpu_index
 from placement.plan import Rule
+
+GPU = gpu_device(0)  # their "cuda" and every cuda:N: one GPU here, the first
 
 KNOWN_ENTRY_KEYS = {"match", "replace", "recursive"}
 # replace.class suffixes we understand, and what they mean here
@@ -61,7 +64,7 @@ def translate(path, expert_format: str = "int4") -> Translation:
     # Their walk visits a parent module before its children, so an experts module is caught by its own entry
     # before any Linear entry reaches the experts' projections; tensor rules get that by going first.
     experts_first = [r for r in rules if "experts" in r.match] + [r for r in rules if "experts" not in r.match]
-    experts_first.append(Rule(".*", "cuda:0", "bf16", "torch"))  # their default: unmatched modules stay on the GPU
+    experts_first.append(Rule(".*", GPU, "bf16", "torch"))  # their default: unmatched modules stay on the GPU
     return Translation(tuple(experts_first), tuple(notes))
 
 
@@ -82,11 +85,11 @@ def _entry(entry: dict, where: str, expert_format: str):
         notes.append(f"{where}: kwarg {k}={kwargs[k]!r} has no equivalent (one GPU, one prefill path); ignored")
     if cls == "default" and "generate_device" not in kwargs:
         return None, notes  # "keep the module as it is": our catch-all rule does the same
-    device = str(kwargs.get("generate_device", "cuda:0"))
-    device = "cuda:0" if device == "cuda" else device
-    if re.fullmatch(r"cuda:\d+", device) and device != "cuda:0":
-        notes.append(f"{where}: device {device}: one GPU here, placed on cuda:0")
-        device = "cuda:0"
+    device = str(kwargs.get("generate_device", GPU))
+    device = GPU if device == "cuda" else device
+    if gpu_index(device) is not None and device != GPU:
+        notes.append(f"{where}: device {device}: one GPU here, placed on {GPU}")
+        device = GPU
     op = str(kwargs.get("generate_op", ""))
     tensor_re = _module_to_tensor_regex(name)
     if cls.endswith(EXPERT_CLASSES) or "experts" in name:

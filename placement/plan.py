@@ -12,8 +12,9 @@ from functools import cached_property
 from cpu_kernels.formats import parse_format
 from hybrid.config import ModelConfig
 from hybrid.errors import PlanError
-from hybrid.names import quantizable
+from hybrid.names import layer_prefix, quantizable
 from placement import memory
+from placement.hardware import gpu_index
 
 TORCH_FORMATS = ("bf16", "fp32", "fp8")  # fp8: the checkpoint's block-FP8, dequantized per use
 # kernel -> (what it may compute, devices, formats)
@@ -22,8 +23,14 @@ KERNELS = {
     "cpu_moe": "routed experts only, on cpu, in an expert-store format (bf16, int8, int4, with -g32/-g64/-g128)",
 }
 OPTIONS = {"torch": set(), "cpu_moe": {"threads"}}
-DEVICE_RE = re.compile(r"^(cpu|cuda:\d+)$")
 BACKINGS = ("ram", "disk")
+# The tensor whose rule says where attention runs: the MLA cache and the attention workspace live there.
+ATTENTION_TENSOR = f"{layer_prefix(0)}.self_attn.kv_a_proj_with_mqa.weight"
+
+
+def is_device(name: str) -> bool:
+    """A device a plan may name: cpu, or a GPU by its number."""
+    return name == "cpu" or gpu_index(name) is not None
 
 
 @dataclass(frozen=True)
@@ -43,12 +50,12 @@ class Rule:
 class Settings:
     context_length: int = 32768
     batch: int = 1
+    cache_device: str | None = None  # the MLA cache's device, which must be the attention's; None: the attention's
     cpu_threads: int = 1
     expert_format: str = "int4"
     gpu_expert_layers: tuple[int, ...] = ()
     prefill_chunk: int = 512
-    numa_split: bool = False
-    expert_backing: str = "ram"
+    expert_backing: str = "ram"  # disk: routed experts beyond RAM stay memory-mapped from the expert store
     defer_experts: int = 0  # each token's weakest routed experts computed one layer late (0: off)
 
 
@@ -75,8 +82,21 @@ class Plan:
 
     @property
     def gpu_device(self) -> str | None:
-        gpus = sorted(d for d in self.devices if d.startswith("cuda"))
-        return gpus[0] if gpus else None
+        """The lowest-numbered GPU the plan uses (one GPU today), or None."""
+        gpus = sorted((gpu_index(d), d) for d in self.devices if gpu_index(d) is not None)
+        return gpus[0][1] if gpus else None
+
+    @property
+    def attention_device(self) -> str:
+        """The device of the attention's weights, by the rule that places them."""
+        rule = self.rule_for(ATTENTION_TENSOR)
+        return rule.device if rule is not None else "cpu"
+
+    @property
+    def cache_device(self) -> str:
+        """Where the runtime builds the MLA cache (and the planner counts it with the attention workspace):
+        the settings' cache_device, else the attention's device."""
+        return self.settings.cache_device or self.attention_device
 
 
 def check_rule(rule: Rule, source: str):
@@ -86,7 +106,7 @@ def check_rule(rule: Rule, source: str):
         re.compile(rule.match)
     except re.error as e:
         raise PlanError(f"{at}: bad regex {rule.match!r} ({e})") from None
-    if not DEVICE_RE.match(rule.device):
+    if not is_device(rule.device):
         raise PlanError(f"{at}: unknown device {rule.device!r} (cpu or cuda:N)")
     if rule.kernel not in KERNELS:
         raise PlanError(f"{at}: unknown kernel {rule.kernel!r}; known: {', '.join(KERNELS)}")
@@ -104,9 +124,17 @@ def check_rule(rule: Rule, source: str):
         raise PlanError(f"{at}: unknown option '{sorted(unknown)[0]}' for kernel {rule.kernel}")
 
 
+def check_cache(plan: Plan, at: str):
+    """The settings may name the cache's device, and it must be the attention's: the cache lives where attention
+    runs (one device per plan today)."""
+    if plan.cache_device != plan.attention_device:
+        raise PlanError(f"{at}: cache_device {plan.cache_device} is not the attention's device "
+                        f"{plan.attention_device}, where the cache must live")
+
+
 @dataclass(frozen=True)
 class Budget:
-    """Bytes per device and group the plan's placement costs, with cache and workspace on the main device."""
+    """Bytes per device and group the plan's placement costs, with cache and workspace on the cache device."""
 
     by_device: dict  # device -> {group: bytes}
     expert_device_bytes: dict  # device -> routed-expert bytes
@@ -135,7 +163,8 @@ def place_all(plan: Plan, cfg: ModelConfig) -> Budget:
         dev[group] = dev.get(group, 0) + nbytes
         if is_expert:
             experts[rule.device] = experts.get(rule.device, 0) + nbytes
-    main = plan.gpu_device or "cpu"
+    check_cache(plan, plan.source)
+    main = plan.cache_device
     s = plan.settings
     dev = by_device.setdefault(main, {})
     dev["kv_cache"] = memory.kv_cache_bytes(cfg, s.context_length, s.batch)

@@ -5,12 +5,13 @@
     settings:
       context_length: 131072            # tokens of MLA cache reserved per sequence
       batch: 1                          # sequences decoded together
+      cache_device: cuda:0              # where the MLA cache lives: the attention's device (default: that)
       cpu_threads: 32                   # CPU expert kernel threads (default: physical cores)
       expert_format: int4               # CPU expert store format: bf16, int8, int4 (+ -g32/-g64/-g128)
       gpu_expert_layers: [3, 4]         # MoE layers whose routed experts live on the GPU
       prefill_chunk: 64                 # prompt tokens per forward (bounds the attention workspace)
-      numa_split: false                 # split each expert's width across NUMA nodes
-      expert_backing: ram               # ram, or disk: experts beyond RAM stay memory-mapped on disk
+      expert_backing: ram               # ram, or disk: experts beyond RAM stay memory-mapped from the
+                                        # expert store (needs --store; quantizing at load holds them in RAM)
       defer_experts: 0                  # each token's N weakest routed experts join one layer late (0: off)
     rules:                              # first match wins; regex over checkpoint tensor names
       - match: '^model\\.layers\\.(3|4)\\.mlp\\.experts\\.'
@@ -27,7 +28,10 @@
         format: bf16
         kernel: torch
 
-Every error names the file and the line. Writing goes to a temporary name, then rename.
+Every error names the file and the line. Writing goes to a temporary name, then rename. Settings that were
+removed are refused with the reason (RETIRED_SETTINGS), as every other unknown key is: a plan says only what
+the runtime does. One exception keeps shared plan files working: a removed setting left at the value that
+asked for nothing (numa_split: false, which every plan file written before its removal holds) is skipped.
 """
 
 import os
@@ -38,10 +42,16 @@ from pathlib import Path
 import yaml
 
 from hybrid.errors import PlanError
-from placement.plan import BACKINGS, Plan, Rule, Settings, check_rule, place_all
+from placement.plan import BACKINGS, Plan, Rule, Settings, check_cache, check_rule, is_device, place_all
 
 RULE_KEYS = {"match", "device", "format", "kernel", "options"}
 SETTING_TYPES = {f.name: f.type for f in fields(Settings)}
+# setting -> why it is gone; plan files written before still hold these keys
+# key -> (the value that asked for nothing: still accepted, so plan files written before stay valid; why)
+RETIRED_SETTINGS = {
+    "numa_split": (False, "nothing read it: the CPU expert kernels do not split experts across NUMA nodes; "
+                          "delete the line"),
+}
 
 
 def load_plan(path) -> Plan:
@@ -65,7 +75,11 @@ def load_plan(path) -> Plan:
         raise PlanError(f"{path}:{_line(rules_node)}: 'rules' must be a non-empty list")
     rules = tuple(_rule(node, path) for node in rules_node.value)
     model = _scalar(top["model"][1], path) if "model" in top else "?"
-    return Plan(model=str(model), settings=settings, rules=rules, source=str(path))
+    plan = Plan(model=str(model), settings=settings, rules=rules, source=str(path))
+    if settings.cache_device is not None:
+        key = next(k for k, _ in top["settings"][1].value if k.value == "cache_device")
+        check_cache(plan, f"{path}:{_line(key)}")
+    return plan
 
 
 def load_checked_plan(path, cfg) -> Plan:
@@ -103,6 +117,16 @@ def _value(node):
 
 
 def _settings(node, path) -> Settings:
+    if isinstance(node, yaml.MappingNode):
+        kept = []
+        for key_node, value_node in node.value:
+            if key_node.value not in RETIRED_SETTINGS:
+                kept.append((key_node, value_node))
+                continue
+            harmless, why = RETIRED_SETTINGS[key_node.value]
+            if _value(value_node) != harmless:
+                raise PlanError(f"{path}:{_line(key_node)}: setting '{key_node.value}' was removed ({why})")
+        node = yaml.MappingNode(node.tag, kept, flow_style=node.flow_style)
     raw = _mapping(node, path, set(SETTING_TYPES))
     values = {}
     for key, (key_node, value_node) in raw.items():
@@ -112,14 +136,13 @@ def _settings(node, path) -> Settings:
             if not isinstance(v, list) or not all(isinstance(i, int) and i >= 0 for i in v):
                 raise PlanError(f"{at}: gpu_expert_layers must be a list of layer numbers, got {v!r}")
             v = tuple(v)
-        elif key in ("numa_split",):
-            if not isinstance(v, bool):
-                raise PlanError(f"{at}: {key} must be true or false, got {v!r}")
-        elif key in ("expert_format", "expert_backing"):
+        elif key in ("expert_format", "expert_backing", "cache_device"):
             if not isinstance(v, str):
                 raise PlanError(f"{at}: {key} must be a name, got {v!r}")
             if key == "expert_backing" and v not in BACKINGS:
                 raise PlanError(f"{at}: expert_backing must be one of {', '.join(BACKINGS)}, got {v!r}")
+            if key == "cache_device" and not is_device(v):
+                raise PlanError(f"{at}: unknown cache_device {v!r} (cpu or cuda:N)")
         elif isinstance(v, bool) or not isinstance(v, int) or v < (0 if key == "defer_experts" else 1):
             raise PlanError(f"{at}: {key} must be a {'non-negative' if key == 'defer_experts' else 'positive'} "
                             f"integer, got {v!r}")
@@ -147,6 +170,7 @@ def _rule(node, path) -> Rule:
 def dump_plan(plan: Plan, header: str = "") -> str:
     settings = asdict(plan.settings)
     settings["gpu_expert_layers"] = list(plan.settings.gpu_expert_layers)
+    settings["cache_device"] = plan.cache_device  # written out, so a file names where its cache lives
     rules = []
     for r in plan.rules:
         d = {"match": r.match, "device": r.device, "format": r.format, "kernel": r.kernel}

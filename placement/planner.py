@@ -14,9 +14,9 @@ from pathlib import Path
 from hybrid.config import ModelConfig
 from hybrid.errors import PlanError
 from placement import memory
-from placement.hardware import Hardware
+from placement.hardware import Hardware, gpu_index
 from placement.plan import Budget, Plan, Rule, Settings, place_all
-from placement.projection import Projection, Traffic, project
+from placement.projection import NUMA_UNSPLIT_FACTOR, Projection, Traffic, project
 
 GIB = memory.GIB
 EXPERTS_RE = r"\.mlp\.experts\."
@@ -38,7 +38,6 @@ class PlanRequest:
     gpu_expert_layers: int | None = None  # None: as many as fit; 0: none
     routing_counts: dict | None = None  # {layer: [count per expert]}
     allow_disk: bool = False
-    numa_split: bool | None = None
     cpu_threads: int | None = None
 
 
@@ -67,9 +66,9 @@ def make_plan(cfg: ModelConfig, model: str, hw: Hardware, req: PlanRequest = Pla
     ctx = req.context_length or min(cfg.max_position_embeddings, DEFAULT_CONTEXT)
     if ctx > cfg.max_position_embeddings:
         raise PlanError(f"context {ctx} exceeds the model's max_position_embeddings ({cfg.max_position_embeddings})")
-    numa_split = req.numa_split if req.numa_split is not None else hw.numa_nodes > 1
-    settings = Settings(context_length=ctx, batch=req.batch, cpu_threads=req.cpu_threads or hw.cores,
-                        expert_format=req.expert_format, numa_split=numa_split)
+    main = hw.gpu_device or "cpu"  # one GPU today: the first; attention, cache and GPU weights on it
+    settings = Settings(context_length=ctx, batch=req.batch, cache_device=main,
+                        cpu_threads=req.cpu_threads or hw.cores, expert_format=req.expert_format)
     reasons = [f"routed experts ({_gib(memory.expert_bytes(cfg, req.expert_format) * cfg.n_routed_experts * _n_moe(cfg))}"
                f" GiB in {req.expert_format}) in RAM for the CPU kernels: {hw.cores} threads"]
     if hw.gpu is None:
@@ -84,23 +83,23 @@ def make_plan(cfg: ModelConfig, model: str, hw: Hardware, req: PlanRequest = Pla
             raise PlanError(_gpu_refusal(cfg, model, hw, req, plan, cap))
         chunk = plan.settings.prefill_chunk
         plan, share, why = _gpu_experts(cfg, plan, cap - need, req)
-        reasons.append(f"attention, routers, shared experts, dense layers and head on cuda:0 "
+        reasons.append(f"attention, routers, shared experts, dense layers and head on {main} "
                        + ("in bf16" if weight_format == "bf16" else
                           "keeping the checkpoint's block-FP8 projections (bf16 would not fit), head in bf16")
                        + "; embedding lookups on the CPU (one row per token)")
         reasons.append(f"prefill chunk {chunk}: the attention workspace stays under {WORKSPACE_SHARE:.0%} of the GPU")
         reasons.append(why)
-        capacity = {"cuda:0": cap}
+        capacity = {main: cap}
     budget = place_all(plan, cfg)
     plan, hit_rate, ram_reason = _fit_ram(cfg, model, hw, req, plan, budget)
     reasons.append(ram_reason)
     capacity["cpu"] = int(hw.ram_available_gib * GIB)
     if hw.numa_nodes > 1:
-        reasons.append(f"{hw.numa_nodes} NUMA nodes: " + ("each expert's width split across nodes, node-local copies"
-                                                          if numa_split else "experts not split; remote reads cost"))
+        reasons.append(f"{hw.numa_nodes} NUMA nodes: the CPU kernels do not split experts across nodes, so remote "
+                       f"reads cost (projected at {NUMA_UNSPLIT_FACTOR:.0%} of the RAM bandwidth)")
     share = _gpu_share(cfg, plan, req.routing_counts) if hw.gpu is not None else 0.0
     traffic = traffic_of(cfg, plan, budget, share, hit_rate)
-    proj = project(cfg, hw, traffic, ctx, req.batch, plan.settings.prefill_chunk, numa_split)
+    proj = project(cfg, hw, traffic, ctx, req.batch, plan.settings.prefill_chunk)
     reasons.append(f"decode is bound by {proj.bound}")
     return PlanResult(plan, budget, proj, traffic, hw, capacity, tuple(reasons))
 
@@ -111,10 +110,13 @@ def evaluate(plan: Plan, cfg: ModelConfig, hw: Hardware, routing_counts=None) ->
     budget = place_all(plan, cfg)
     capacity = {"cpu": int(hw.ram_available_gib * GIB)}
     if hw.gpu is not None:
-        capacity["cuda:0"] = int(hw.gpu.memory_gib * GIB)
+        capacity[hw.gpu_device] = int(hw.gpu.memory_gib * GIB)
     for device in budget.by_device:
         if device not in capacity:
-            raise PlanError(f"{plan.source}: places tensors on {device}, which this machine does not have")
+            index = gpu_index(device)  # a GPU this machine has, but not the one planned for: one GPU runs today
+            other_gpu = index is not None and index < len(hw.gpus)
+            why = f"but plans use one GPU ({hw.gpu_device}) today" if other_gpu else "which this machine does not have"
+            raise PlanError(f"{plan.source}: places tensors on {device}, {why}")
         need = budget.total(device)
         backed = plan.settings.expert_backing == "disk" and device == "cpu"
         if need > capacity[device] and not backed:
@@ -129,7 +131,7 @@ def evaluate(plan: Plan, cfg: ModelConfig, hw: Hardware, routing_counts=None) ->
     share = _gpu_share(cfg, plan, routing_counts)
     traffic = traffic_of(cfg, plan, budget, share, hit)
     s = plan.settings
-    proj = project(cfg, hw, traffic, s.context_length, s.batch, s.prefill_chunk, s.numa_split)
+    proj = project(cfg, hw, traffic, s.context_length, s.batch, s.prefill_chunk)
     return PlanResult(plan, budget, proj, traffic, hw, capacity, (f"checked {plan.source}", f"decode is bound by {proj.bound}"))
 
 
@@ -142,13 +144,13 @@ def _gib(n: float) -> str:
 
 
 def _gpu_base(cfg, model, settings: Settings, cap: int):
-    """The GPU-side base plan at this context: prefill chunk sized to the workspace share, bf16 weights if they
-    fit, else the checkpoint's block-FP8. -> (plan, bytes needed on cuda:0, weight format)."""
+    """The GPU-side base plan at this context, on settings.cache_device: prefill chunk sized to the workspace
+    share, bf16 weights if they fit, else the checkpoint's block-FP8. -> (plan, bytes needed there, weight format)."""
     chunk = memory.largest_chunk(cfg, settings.context_length, int(WORKSPACE_SHARE * cap), settings.batch)
     settings = replace(settings, prefill_chunk=chunk)
     for weight_format in ("bf16", "fp8") if cfg.fp8_block else ("bf16",):
-        plan = _base_plan(model, settings, "cuda:0", settings.expert_format, weight_format)
-        need = place_all(plan, cfg).total("cuda:0")
+        plan = _base_plan(model, settings, settings.cache_device, settings.expert_format, weight_format)
+        need = place_all(plan, cfg).total(settings.cache_device)
         if need <= cap:
             break
     return plan, need, weight_format
@@ -167,6 +169,7 @@ def _base_plan(model, settings, main_device, expert_format, weight_format) -> Pl
 def _gpu_experts(cfg, plan: Plan, spare: int, req: PlanRequest):
     """Fill spare GPU memory with routed experts: hottest pairs given routing counts, else whole layers."""
     one = memory.expert_bytes(cfg, GPU_EXPERT_FORMAT)
+    gpu = plan.cache_device
     if req.gpu_expert_layers == 0 or spare < one:
         return plan, 0.0, f"no routed experts on the GPU ({_gib(spare)} GiB spare after cache and workspace)"
     if req.routing_counts:
@@ -176,9 +179,9 @@ def _gpu_experts(cfg, plan: Plan, spare: int, req: PlanRequest):
         for _, layer, e in pairs:
             by_layer.setdefault(layer, []).append(e)
         rules = tuple(Rule(rf"^model\.layers\.{layer}\.mlp\.experts\.({'|'.join(map(str, sorted(es)))})\.",
-                           "cuda:0", GPU_EXPERT_FORMAT, "torch") for layer, es in sorted(by_layer.items()))
+                           gpu, GPU_EXPERT_FORMAT, "torch") for layer, es in sorted(by_layer.items()))
         plan = replace(plan, rules=rules + plan.rules)
-        return plan, 0.0, (f"{len(pairs)} most-used experts from the routing counts on cuda:0 "
+        return plan, 0.0, (f"{len(pairs)} most-used experts from the routing counts on {gpu} "
                            f"({_gib(len(pairs) * one)} GiB of {_gib(spare)} spare)")
     per_layer = one * cfg.n_routed_experts
     n = min(spare // per_layer, _n_moe(cfg), req.gpu_expert_layers if req.gpu_expert_layers else 10**9)
@@ -186,10 +189,9 @@ def _gpu_experts(cfg, plan: Plan, spare: int, req: PlanRequest):
         return plan, 0.0, (f"no whole expert layer fits the {_gib(spare)} GiB spare on the GPU "
                            f"(one takes {_gib(per_layer)} GiB in bf16)")
     layers = tuple(range(cfg.first_k_dense_replace, cfg.first_k_dense_replace + n))
-    rule = Rule(rf"^model\.layers\.({'|'.join(map(str, layers))})\.mlp\.experts\.", "cuda:0", GPU_EXPERT_FORMAT,
-                "torch")
+    rule = Rule(rf"^model\.layers\.({'|'.join(map(str, layers))})\.mlp\.experts\.", gpu, GPU_EXPERT_FORMAT, "torch")
     plan = replace(plan, rules=(rule,) + plan.rules, settings=replace(plan.settings, gpu_expert_layers=layers))
-    return plan, 0.0, f"routed experts of {n} layer(s) {list(layers)} on cuda:0 ({_gib(n * per_layer)} GiB of {_gib(spare)} spare)"
+    return plan, 0.0, f"routed experts of {n} layer(s) {list(layers)} on {gpu} ({_gib(n * per_layer)} GiB of {_gib(spare)} spare)"
 
 
 def _gpu_share(cfg, plan: Plan, routing_counts) -> float:
@@ -257,11 +259,12 @@ def _try(cfg, model, hw, req) -> PlanResult | None:
 
 
 def _gpu_refusal(cfg, model, hw, req, plan: Plan, cap: int) -> str:
-    dev = place_all(plan, cfg).by_device["cuda:0"]
+    gpu = plan.cache_device
+    dev = place_all(plan, cfg).by_device[gpu]
     ctx = plan.settings.context_length
     parts = ", ".join(f"{g.replace('_', ' ')} {_gib(v)}" + (f" at {ctx} tokens" if g == "kv_cache" else "")
                       for g, v in sorted(dev.items(), key=lambda kv: -kv[1]) if v >= 0.05 * GIB)
-    msg = f"needs {_gib(sum(dev.values()))} GiB on cuda:0 ({parts}), has {_gib(cap)}"
+    msg = f"needs {_gib(sum(dev.values()))} GiB on {gpu} ({parts}), has {_gib(cap)}"
     options = []
     lo, hi = 0, ctx
     while hi - lo > 1024:  # the longest context that fits, to 1K tokens

@@ -3,6 +3,7 @@
 Decode (one token per sequence, `batch` sequences, context c):
     t_gpu    = (GPU weight bytes read + batch x c x cache bytes/token) / GPU bandwidth
     t_cpu    = batch-deduplicated expert bytes streamed from RAM / (RAM bandwidth x kernel efficiency x NUMA factor)
+               (NUMA factor: NUMA_UNSPLIT_FACTOR with several nodes, as the kernels do not split experts by node)
                + expert bytes that miss the page cache / disk bandwidth            (disk-backed experts only)
                + non-expert weights on the CPU / (RAM bandwidth x torch efficiency)  (no-GPU plans only)
     t_shared = shared-expert bytes / GPU bandwidth      (runs while the CPU computes the routed experts)
@@ -55,18 +56,17 @@ def unique_experts(n_experts: int, k: int, tokens: int) -> float:
     return n_experts * (1 - (1 - k / n_experts) ** tokens)
 
 
-def cpu_bandwidth(hw: Hardware, numa_split: bool) -> float:
+def cpu_bandwidth(hw: Hardware) -> float:
     bw = hw.ram_bandwidth_gbps * 1e9 * hw.cpu_kernel_efficiency
-    if hw.numa_nodes > 1 and not numa_split:
+    if hw.numa_nodes > 1:  # the expert kernels' threads read every expert from whichever node holds its pages
         bw *= NUMA_UNSPLIT_FACTOR
     return bw
 
 
-def project(cfg: ModelConfig, hw: Hardware, tr: Traffic, context: int, batch: int = 1, chunk: int = 512,
-            numa_split: bool = True) -> Projection:
+def project(cfg: ModelConfig, hw: Hardware, tr: Traffic, context: int, batch: int = 1, chunk: int = 512) -> Projection:
     n_moe = cfg.num_hidden_layers - cfg.first_k_dense_replace
     E, K, H, I = cfg.n_routed_experts, cfg.num_experts_per_tok, cfg.hidden_size, cfg.moe_intermediate_size
-    cpu_bw = cpu_bandwidth(hw, numa_split)
+    cpu_bw = cpu_bandwidth(hw)
     overhead = cfg.num_hidden_layers * hw.layer_overhead_us * 1e-6
     cpu_share = 1 - tr.gpu_expert_share
     # decode

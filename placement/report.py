@@ -47,7 +47,8 @@ def plan_dict(result: PlanResult) -> dict:
     p = result.projection
     return {
         "model": result.plan.model,
-        "settings": {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(result.plan.settings).items()},
+        "settings": {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(result.plan.settings).items()}
+                    | {"cache_device": result.plan.cache_device},
         "devices": {d: {g: b for g, b in groups.items()} | {"total": result.budget.total(d),
                                                             "capacity": result.capacity.get(d)}
                     for d, groups in result.budget.by_device.items()},

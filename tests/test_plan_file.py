@@ -1,4 +1,5 @@
-"""Plan files: round trip, and one error naming file and line per bad case; KTransformers rules; the CLI."""
+"""Plan files: round trip, and one error naming file and line per bad case; the cache device and expert backing
+the runtime obeys; KTransformers rules; hardware files; the CLI."""
 
 import json
 import subprocess
@@ -7,12 +8,15 @@ import textwrap
 from pathlib import Path
 
 import pytest
+import yaml
 
 from hybrid.errors import PlanError
 from placement import presets
-from placement.hardware import describe, load_hardware
+from hybrid.experts import HybridExperts
+from hybrid.loader import cache_device, load_model
+from placement.hardware import describe, hardware_to_dict, load_hardware
 from placement.ktransformers import translate
-from placement.plan import Plan, Settings
+from placement.plan import Plan, Rule, Settings
 from placement.plan_file import dump_plan, load_plan
 from placement.planner import PlanRequest, evaluate, make_plan
 
@@ -53,7 +57,7 @@ def test_round_trip(tmp_path):
     path = tmp_path / "p.yaml"
     path.write_text(dump_plan(made, "a header"))
     back = load_plan(path)
-    assert back.settings == made.settings
+    assert back.settings == made.settings and back.settings.cache_device == "cuda:0"
     assert [(r.match, r.device, r.format, r.kernel, r.options) for r in back.rules] == \
            [(r.match, r.device, r.format, r.kernel, r.options) for r in made.rules]
     assert evaluate(back, K2, HW).budget.total("cuda:0") == evaluate(made, K2, HW).budget.total("cuda:0")
@@ -62,6 +66,11 @@ def test_round_trip(tmp_path):
 def test_hand_written_plan_is_checked_and_projected(tmp_path):
     result = evaluate(load_plan(write(tmp_path, GOOD)), K2, HW)
     assert result.plan.settings.context_length == 16384 and result.projection.decode_tps > 1
+    assert result.plan.settings.cache_device is None and result.plan.cache_device == "cuda:0"  # the attention's
+    assert "cache_device: cuda:0" in dump_plan(result.plan)
+    # plan files written before numa_split was removed hold "numa_split: false": they still load
+    old = load_plan(write(tmp_path, GOOD.replace("cpu_threads: 16", "cpu_threads: 16\n  numa_split: false")))
+    assert old.settings == result.plan.settings
 
 
 BAD = [
@@ -72,6 +81,10 @@ BAD = [
     (GOOD.replace("kernel: cpu_moe", "kernel: marlin"), 7, "unknown kernel 'marlin'"),
     (GOOD.replace("    kernel: torch\n", "    kernel: torch\n    colour: red\n", 1), 15, "unknown key 'colour'"),
     (GOOD.replace("cpu_threads: 16", "cpu_threads: many"), 4, "positive integer"),
+    (GOOD.replace("cpu_threads: 16", "cache_device: gpu"), 4, "unknown cache_device 'gpu'"),
+    (GOOD.replace("cpu_threads: 16", "cache_device: cpu"), 4, "cache_device cpu is not the attention's device cuda:0"),
+    (GOOD.replace("cpu_threads: 16", "numa_split: true"), 4, "setting 'numa_split' was removed (nothing read it"),
+    (GOOD.replace("cpu_threads: 16", "expert_backing: tape"), 4, "expert_backing must be one of ram, disk"),
     ("rules:\n  - match: x\n    device: cpu\n    kernel: torch\n", 2, "missing key 'format'"),
     ("model: [unclosed\n", 2, "not valid YAML"),
 ]
@@ -102,6 +115,26 @@ def test_cpu_moe_on_non_expert_tensors_is_refused(tmp_path):
     plan = load_plan(write(tmp_path, GOOD.replace("'\\.mlp\\.experts\\.'", "'\\.mlp\\.'")))
     with pytest.raises(PlanError, match="plan.yaml:7: kernel cpu_moe computes routed experts only"):
         evaluate(plan, K2, HW)
+
+
+def tiny_plan(backing="ram"):
+    return Plan("tiny", Settings(cpu_threads=2, expert_backing=backing), (
+        Rule(r"\.mlp\.experts\.", "cpu", "int8", "cpu_moe"), Rule(".*", "cuda:0", "fp32", "torch")), source="tiny.yaml")
+
+
+def test_disk_backed_experts_need_a_store(k2_tiny, tmp_path):
+    from hybrid.convert import convert
+
+    with pytest.raises(PlanError, match="tiny.yaml: expert_backing disk keeps routed experts memory-mapped"):
+        load_model(k2_tiny, plan=tiny_plan("disk"))
+    model = load_model(k2_tiny, plan=tiny_plan("disk"), store=convert(k2_tiny, tmp_path / "store", "int8"))
+    assert isinstance(model.model.layers[1].mlp.experts, HybridExperts)  # the store's memory map
+
+
+def test_the_cache_device_is_where_attention_runs(k2_tiny):
+    plan = tiny_plan()
+    model = load_model(k2_tiny, plan=plan)
+    assert model.model.layers[0].self_attn.kv_a_proj_with_mqa.weight.device == cache_device(plan)  # cuda:0 or cpu
 
 
 KT_RULES = """\
@@ -152,7 +185,13 @@ def test_hardware_yaml(tmp_path):
     path = tmp_path / "hw.yaml"
     path.write_text("gpu: RTX 4090\nram_gib: 512\nmemory: DDR5-4800x8\ncores: 32\n")
     h = load_hardware(path)
-    assert h.gpu.memory_gib == 24 and round(h.ram_bandwidth_gbps, 1) == 230.4
+    assert h.gpu.memory_gib == 24 and round(h.ram_bandwidth_gbps, 1) == 230.4 and len(h.gpus) == 1
+    assert isinstance(hardware_to_dict(h)["gpu"], dict)  # one GPU: written as before
+    path.write_text("gpu: [RTX 4090, RTX 3090]\ngpu_memory_gib: 20\nram_gib: 512\n")
+    two = load_hardware(path)
+    assert [(g.name, g.memory_gib) for g in two.gpus] == [("RTX 4090", 20), ("RTX 3090", 24)]
+    path.write_text(yaml.safe_dump(hardware_to_dict(two)))
+    assert load_hardware(path).gpus == two.gpus
     path.write_text("gpu: RTX 4090\nram_gib: 512\nram_speed: fast\n")
     with pytest.raises(PlanError, match="hw.yaml: unknown key 'ram_speed'"):
         load_hardware(path)

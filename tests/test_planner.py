@@ -1,12 +1,20 @@
-"""The planner on the real K2 config: sizes, fits and refusals, hot experts, NUMA, disk-backed experts."""
+"""The planner on the real K2 config: sizes, fits and refusals, hot experts, NUMA, disk-backed experts, GPUs
+named by their index."""
+
+import ast
+from dataclasses import replace
+from pathlib import Path
 
 import pytest
 
 from hybrid.errors import PlanError
 from hybrid.names import quantizable
 from placement import memory, presets
-from placement.hardware import describe
-from placement.planner import PlanRequest, make_plan
+from placement.hardware import describe, gpu_device, load_hardware
+from placement.plan import Plan, Rule
+from placement.planner import PlanRequest, evaluate, make_plan
+
+ROOT = Path(__file__).resolve().parents[1]
 
 K2 = presets.load("kimi-k2-instruct-0905")
 WORKSTATION = dict(memory="DDR5-4800x8", cores=32)
@@ -97,11 +105,10 @@ def test_hot_experts_absorb_more_traffic_than_their_share():
     assert r.projection.decode_tps > uniform.projection.decode_tps
 
 
-def test_numa_split_projects_faster_than_unsplit():
-    two = hw(numa_nodes=2)
-    split = make_plan(K2, "k2", two, PlanRequest(numa_split=True))
-    unsplit = make_plan(K2, "k2", two, PlanRequest(numa_split=False))
-    assert split.projection.decode_tps > 1.3 * unsplit.projection.decode_tps
+def test_two_numa_nodes_project_the_unsplit_experts_slower():
+    one, two = make_plan(K2, "k2", hw()), make_plan(K2, "k2", hw(numa_nodes=2))
+    assert one.projection.decode_tps > 1.3 * two.projection.decode_tps  # the kernels do not split experts by node
+    assert any("do not split experts across nodes" in r for r in two.reasons)
 
 
 def test_routing_counts_raise_the_page_cache_hit_rate():
@@ -117,3 +124,39 @@ def test_routing_counts_raise_the_page_cache_hit_rate():
 def test_context_beyond_the_model_is_refused():
     with pytest.raises(PlanError, match="max_position_embeddings"):
         make_plan(K2, "k2", hw(), PlanRequest(context_length=10**6))
+
+
+def test_two_gpus_plan_onto_the_first_by_its_name(tmp_path):
+    path = tmp_path / "hw.yaml"
+    path.write_text("gpu: [RTX 4090, {name: big, memory_gib: 80, bandwidth_gbps: 3000, bf16_tflops: 900}]\n"
+                    "ram_gib: 768\nmemory: DDR5-4800x8\ncores: 32\n")
+    two = load_hardware(path)
+    assert [g.name for g in two.gpus] == ["RTX 4090", "big"] and two.gpu_device == gpu_device(0) == "cuda:0"
+    r = make_plan(K2, "k2", two, PlanRequest(context_length=131072))
+    one = make_plan(K2, "k2", hw(), PlanRequest(context_length=131072))
+    assert r.plan.rules == one.plan.rules and r.plan.settings == one.plan.settings  # planned for the 4090 alone
+    assert r.plan.devices == {"cpu", "cuda:0"} and r.plan.cache_device == "cuda:0"
+    rules = (Rule(r"\.mlp\.experts\.", "cpu", "int4", "cpu_moe"), Rule(".*", gpu_device(1), "bf16", "torch"))
+    with pytest.raises(PlanError, match="second.yaml: cache_device cuda:0 is not the attention's device cuda:1"):
+        evaluate(Plan("k2", r.plan.settings, rules, source="second.yaml"), K2, two)
+    unset = replace(r.plan.settings, cache_device=None)  # the attention's device, cuda:1
+    with pytest.raises(PlanError, match=r"second.yaml: places tensors on cuda:1, but plans use one GPU \(cuda:0\)"):
+        evaluate(Plan("k2", unset, rules, source="second.yaml"), K2, two)
+
+
+DEFS = (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)
+
+
+def code_strings(path: Path) -> list[str]:
+    """A module's string constants, f-string parts included; docstrings (which show plan files) left out."""
+    tree = ast.parse(path.read_text())
+    docs = {id(n.body[0].value) for n in ast.walk(tree) if isinstance(n, DEFS) and n.body
+            and isinstance(n.body[0], ast.Expr) and isinstance(n.body[0].value, ast.Constant)}
+    return [n.value for n in ast.walk(tree)
+            if isinstance(n, ast.Constant) and isinstance(n.value, str) and id(n) not in docs]
+
+
+def test_gpu_device_names_come_from_one_function():
+    modules = [path for pkg in ("placement", "hybrid") for path in sorted((ROOT / pkg).rglob("*.py"))]
+    spelled = [str(path.relative_to(ROOT)) for path in modules if any("cuda:0" in s for s in code_strings(path))]
+    assert spelled == [], "name a GPU's device with placement.hardware.gpu_device(index)"
