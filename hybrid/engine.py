@@ -45,12 +45,12 @@ class Request:
 
 class Engine:
     def __init__(self, model, tokenizer=None, *, max_context: int, max_batch: int = 8,
-                 prefill_chunk: int | None = None, on_failure=None):
+                 prefill_chunk: int | None = None, device=None, on_failure=None):
         """max_context: positions per request (a Runtime's context limit, or less); prefill_chunk: tokens per
-        prefill forward (a Runtime's)."""
+        prefill forward; device: where the cache lives (the Runtime's)."""
         self.model, self.tokenizer, self.max_batch = model, tokenizer, max_batch
         self.max_context, self.prefill_chunk = max_context, prefill_chunk
-        self.cache = new_cache(model, max_context, batch=max_batch)
+        self.cache = new_cache(model, max_context, max_batch, device)
         self.waiting: queue.Queue[Request] = queue.Queue()
         self.active: dict[int, Request] = {}
         self.failure: BaseException | None = None  # set once the engine has stopped for good

@@ -36,15 +36,16 @@ def device_of(model) -> torch.device:
     return model.model.embed_tokens.weight.device
 
 
-def new_cache(model, n_positions: int, batch: int = 1) -> MLACache:
-    """A cache for n_positions on the device that runs attention, in the activations' dtype. The model's own
-    limit is checked here; a plan's context limit is the Runtime's (hybrid.runtime.Runtime.new_cache)."""
+def new_cache(model, n_positions: int, batch: int = 1, device: torch.device | None = None) -> MLACache:
+    """A cache for n_positions on `device` (a plan's cache_device; default: where the model's attention
+    weights are), in the activations' dtype. The model's own limit is checked here; a plan's context limit is
+    the Runtime's (hybrid.runtime.Runtime.new_cache)."""
     cfg = model.config
     if n_positions > cfg.max_position_embeddings:
         raise GenerationError(f"context overflow: {n_positions} positions requested, the limit is "
                               f"{cfg.max_position_embeddings} (max_position_embeddings)")
-    w = model.model.norm.weight
-    return MLACache(cfg, n_positions, batch, device=w.device, dtype=model.model.embed_tokens.weight.dtype)
+    device = device if device is not None else model.model.norm.weight.device
+    return MLACache(cfg, n_positions, batch, device=device, dtype=model.model.embed_tokens.weight.dtype)
 
 
 # The model is driven through these two functions only: generate() (one sequence), the server's Engine

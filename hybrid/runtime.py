@@ -25,7 +25,7 @@ from hybrid.checkpoint import Checkpoint
 from hybrid.errors import ConfigError, GenerationError
 from hybrid.generate import DEFAULT_PREFILL_CHUNK, new_cache
 from hybrid.kv_cache import MLACache
-from hybrid.loader import load_model
+from hybrid.loader import cache_device, load_model
 from hybrid.sampling import SamplingParams
 from hybrid.tokenizer import Tokenizer
 
@@ -51,8 +51,8 @@ class Runtime:
 
     @property
     def device(self) -> torch.device:
-        """Where attention runs, and so where caches live."""
-        return self.model.model.norm.weight.device
+        """Where caches live: the plan's cache_device (the attention's device), the CPU without a plan."""
+        return cache_device(self.plan)
 
     def sampling(self, temperature=None, top_p=None, top_k=None, min_p=None, seed=None,
                  max_new_tokens: int = 64) -> SamplingParams:
@@ -74,7 +74,7 @@ class Runtime:
             why = "the plan's context_length" if self.plan is not None else "the model's limit"
             raise GenerationError(f"context overflow: {n_positions} positions requested, the limit is "
                                   f"{self.max_context} ({why})")
-        return new_cache(self.model, n_positions, batch)
+        return new_cache(self.model, n_positions, batch, self.device)
 
 
 def open_runtime(folder, plan=None, store=None, progress=None, needs_chat: bool = False) -> Runtime:

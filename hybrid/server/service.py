@@ -72,7 +72,7 @@ class Service:
         self.model, self.tokenizer, self.template = runtime.model, runtime.tokenizer, runtime.chat_template()
         self.engine = Engine(runtime.model, runtime.tokenizer, max_batch=max_concurrency,
                              max_context=min(max_context or runtime.max_context, runtime.max_context),
-                             prefill_chunk=runtime.prefill_chunk)
+                             prefill_chunk=runtime.prefill_chunk, device=runtime.device)
         self.stop_ids = runtime.stop_ids
         self.counters = Counters()
         self.created = int(time.time())
