@@ -151,11 +151,17 @@ def calibrated_hardware(hw, probe_gbps: float, result: dict, n_layers: int, kern
     changes = {"ram_bandwidth_gbps": round(probe_gbps, 2), "layer_overhead_us": round(1e6 * fixed / n_layers, 1),
                "source": f"measured by hybrid profile ({hw.source})", "notes": ()}
     if kernel_gbps:
-        changes["cpu_kernel_efficiency"] = round(min(kernel_gbps / probe_gbps, 1.0), 3)
+        changes["cpu_kernel_efficiency"] = _share(kernel_gbps / probe_gbps)
     torch_s = sum(c[k] for k in TORCH_PARTS)
     if cpu_torch_bytes and torch_s:
-        changes["cpu_torch_efficiency"] = round(min(cpu_torch_bytes / torch_s / 1e9 / probe_gbps, 1.0), 3)
+        changes["cpu_torch_efficiency"] = _share(cpu_torch_bytes / torch_s / 1e9 / probe_gbps)
     return replace(hw, **changes)
+
+
+def _share(x: float) -> float:
+    """A measured share of the probe, at most 1, to 3 significant digits: rounding to decimals turned a tiny
+    model's 0.0004 into 0, which the projection then divides by."""
+    return float(f"{min(x, 1.0):.3g}")
 
 
 def full_size_projection(cfg_small, cfg_full, result: dict) -> dict:
