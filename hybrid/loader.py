@@ -20,6 +20,7 @@ from hybrid.experts import HybridExperts
 from hybrid.layers import MLP, Fp8Linear, MoE
 from hybrid.model import DeepseekV3ForCausalLM
 from placement.hardware import gpu_index
+from placement.plan import ATTENTION_TENSOR
 
 FP32_ALWAYS = ("mlp.gate.weight", "e_score_correction_bias")
 TORCH_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
@@ -48,7 +49,7 @@ def _check_backing(plan, store):
 
 def compute_dtype(plan, cfg) -> torch.dtype:
     """fp32 only when the plan keeps the attention in fp32; bf16 otherwise (fp8 computes in bf16)."""
-    rule = plan.rule_for(f"{names.layer_prefix(0)}.self_attn.kv_a_proj_with_mqa.weight")
+    rule = plan.rule_for(ATTENTION_TENSOR)
     return torch.float32 if rule is not None and rule.format == "fp32" else torch.bfloat16
 
 
