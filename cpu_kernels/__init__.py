@@ -1,25 +1,31 @@
 """CPU kernels for routed MoE experts: expert store, formats, decode/prefill kernels and MoEExperts.
 
-numpy and numba only (never torch): bf16 travels as uint16. See store.py for the on-disk layout, decode.py and
-prefill.py for the kernels, moe.py for the API the runtime calls, bench.py for `python -m cpu_kernels.bench`.
+numpy and numba only (never torch): bf16 travels as uint16. See formats/ for the format registry (each format's
+layout, quantizer and kernels), store.py for the on-disk layout, phases.py for how a call runs the kernels, moe.py
+for the API the runtime calls, bench.py for `python -m cpu_kernels.bench`.
 """
 
-from .formats import DEFAULT_GROUP_SIZE, FORMAT_NAMES, GROUP_SIZES, TILE_ROWS, Format, expert_bytes, matrix_bytes, parse_format
-from .moe import MoEExperts
-from .quantize import (
-    bf16_to_f32,
-    dequantize_fp8,
-    dequantize_matrix,
-    f32_to_bf16,
-    fp8_e4m3_table,
-    quantize_fp8_matrix,
-    quantize_matrix,
+from .floats import bf16_to_f32, dequantize_fp8, f32_to_bf16, fp8_e4m3_table
+from .formats import (
+    DEFAULT_GROUP_SIZE,
+    FORMAT_NAMES,
+    FORMATS,
+    GROUP_SIZES,
+    TILE_ROWS,
+    Format,
+    bytes_per_weight,
+    expert_bytes,
+    matrix_bytes,
+    parse_format,
 )
-from .store import ExpertStore, LayerStoreWriter, build_store, load_store, save_store
+from .moe import MoEExperts
+from .quantize import dequantize_matrix, quantize_fp8_matrix, quantize_matrix
+from .store import ExpertStore, LayerStoreWriter, MemoryLayerWriter, build_store, load_store, save_store
 from .threads import KernelThreads, physical_cores
 
 __all__ = [
     "DEFAULT_GROUP_SIZE",
+    "FORMATS",
     "FORMAT_NAMES",
     "KernelThreads",
     "GROUP_SIZES",
@@ -27,9 +33,11 @@ __all__ = [
     "ExpertStore",
     "Format",
     "LayerStoreWriter",
+    "MemoryLayerWriter",
     "MoEExperts",
     "bf16_to_f32",
     "build_store",
+    "bytes_per_weight",
     "dequantize_fp8",
     "dequantize_matrix",
     "expert_bytes",

@@ -149,19 +149,20 @@ class MoEExperts:
         n_used = sort_by_expert(ids, weights, buf("counts", (self.n_experts,), np.int64), starts, pair_token,
                                 pair_weight, used)
         h = buf("h", (n_pairs, self.width), np.float32)
-        ybuf = buf("ybuf", (self.n_threads, 2, BLOCK_TOKENS, v["gate_proj"].shape[-1]), np.float32)
+        ybuf = buf("ybuf", (self.n_threads, 2, BLOCK_TOKENS, self.fmt.spec.tile_rows), np.float32)
         n_parts = self.n_threads
         n_tiles_i, n_tiles_h = v["gate_proj"].shape[1], v["down_proj"].shape[1]
         sort = (used, n_used, starts, pair_token)
+        kind = self.fmt.spec.kind  # which format's kernels the phases run (formats/spec.py)
 
         def gate_up(part):
             t0, t1 = split_range(n_tiles_i, part, n_parts)
-            gate_up_phase(v["gate_proj"], s["gate_proj"], v["up_proj"], s["up_proj"], x, *sort, pair_weight, h,
-                          t0, t1, ybuf[part])
+            gate_up_phase(kind, v["gate_proj"], s["gate_proj"], v["up_proj"], s["up_proj"], x, *sort, pair_weight,
+                          h, t0, t1, ybuf[part])
 
         def down(part):
             t0, t1 = split_range(n_tiles_h, part, n_parts)
-            down_phase(v["down_proj"], s["down_proj"], h, *sort, out, t0, t1, ybuf[part])
+            down_phase(kind, v["down_proj"], s["down_proj"], h, *sort, out, t0, t1, ybuf[part])
 
         self._threads.run(gate_up)
         self._threads.run(down)

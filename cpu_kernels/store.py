@@ -1,7 +1,7 @@
 """The expert store: one MoE layer's routed experts, laid out for streaming, saved as memory-mappable files.
 
-Dimension legend: E experts, H hidden, I expert width, G group size, R = TILE_ROWS (128) rows per tile,
-nt = ceil(n_out / R) tiles, ng = n_in / G groups. Projections use the checkpoint's names: gate_proj [I, H],
+Dimension legend: E experts, H hidden, I expert width, G group size, R rows per tile (128 for every format so
+far), nt = ceil(n_out / R) tiles, ng = n_in / G groups. Projections use the checkpoint's names: gate_proj [I, H],
 up_proj [I, H], down_proj [H, I] per expert ([n_out, n_in], as in `nn.Linear.weight`).
 
 Byte layout (format version 1; a format users keep, change it only with a new version number)
@@ -10,28 +10,21 @@ A layer store is a directory:
 
     manifest.json             written last; its presence marks a complete store
     gate_proj.values.npy      up_proj.values.npy      down_proj.values.npy
-    gate_proj.scales.npy      up_proj.scales.npy      down_proj.scales.npy     (int8 / int4 only)
+    gate_proj.scales.npy      up_proj.scales.npy      down_proj.scales.npy     (formats with scales: int8, int4)
 
 Each .npy file is numpy's format 1.0 (a small header, then the array's raw bytes in C order, little-endian), so
 `np.load(path, mmap_mode="r")` maps it without reading it. For every projection, all E experts are one array
-whose first axis is the expert, so one expert is one contiguous byte range and, inside it, each row tile is one
-contiguous byte range: a kernel thread streams sequentially through the tiles it owns.
+whose first axis is the expert and second the tile, so one expert is one contiguous byte range and, inside it,
+each tile is one contiguous byte range: a kernel thread streams sequentially through the tiles it owns. What
+follows the tile axis is the format's own layout, documented (element by element) in its module:
 
-A matrix [n_out, n_in] is cut into nt row tiles of R rows; rows past n_out in the last tile are zero. Inside a
-tile the rows are the fastest-varying axis (element (row r, column c) of tile t sits next to (r + 1, c)), so the
-kernels' inner loop runs over 128 consecutive rows with one input element as a broadcast scalar (see decode.py).
+    bf16   values uint16 [E, nt, n_in, R]                                       cpu_kernels/formats/bf16.py
+    int8   values int8   [E, nt, ng, G, R],    scales float32 [E, nt, ng, R]    cpu_kernels/formats/int8.py
+    int4   values uint8  [E, nt, ng, G/2, R],  scales float32 [E, nt, ng, R]    cpu_kernels/formats/int4.py
 
-    bf16   values uint16 [E, nt, n_in, R]:        values[e, t, c, r] = bf16 bits of W_e[t*R + r, c]
-    int8   values int8   [E, nt, ng, G, R]:       W_e[t*R + r, g*G + j] = values[e, t, g, j, r] * scales[e, t, g, r]
-           scales float32 [E, nt, ng, R]
-    int4   values uint8  [E, nt, ng, G/2, R]:     byte b = values[e, t, g, k, r] holds two 4-bit codes:
-           scales float32 [E, nt, ng, R]          low nibble  -> column g*G + 2k,     value (b & 15) - 8
-                                                  high nibble -> column g*G + 2k + 1, value (b >> 4) - 8
-                                                  W_e[row, col] = value * scales[e, t, g, r]
-
-bf16 stores no scales files (in memory its scales are empty [E, nt, 0, 0] placeholders). manifest.json holds
-{"format_version", "format", "group_size", "tile_rows", "n_experts", "hidden", "width",
-"files": {name: {"file", "dtype", "shape"}}}. Every file is written under a
+A format without scales (bf16) stores no scales files (in memory its scales are empty [E, nt, 0, 0] placeholders).
+manifest.json holds {"format_version", "format", "group_size", "tile_rows", "n_experts", "hidden", "width",
+"files": {name: {"file", "dtype", "shape"}}}, "tile_rows" being the format's R. Every file is written under a
 temporary name and moved into place with os.replace, the manifest last, so a crash never leaves a store that
 looks complete.
 """
@@ -43,7 +36,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .formats import TILE_ROWS, Format, scale_shape, value_dtype_name, value_shape
+from .formats import Format, scale_shape, value_shape
 from .quantize import quantize_matrix
 
 FORMAT_VERSION = 1
@@ -57,12 +50,22 @@ def projection_shape(name: str, hidden: int, width: int) -> tuple[int, int]:
     return (hidden, width) if name == "down_proj" else (width, hidden)
 
 
+def layer_arrays(fmt: Format, n_experts: int, hidden: int, width: int) -> dict:
+    """{"gate_proj.values": (shape, dtype), ...}: every array of a layer store, scales placeholders included."""
+    arrays = {}
+    for name in PROJECTIONS:
+        n_out, n_in = projection_shape(name, hidden, width)
+        arrays[f"{name}.values"] = ((n_experts,) + value_shape(fmt, n_out, n_in), np.dtype(fmt.spec.value_dtype))
+        arrays[f"{name}.scales"] = ((n_experts,) + scale_shape(fmt, n_out, n_in), np.dtype(fmt.spec.scale_dtype))
+    return arrays
+
+
 @dataclass(frozen=True)
 class ExpertStore:
     """One layer's experts in format `fmt`: values[name] and scales[name] for name in PROJECTIONS.
 
     Arrays have the shapes documented above, with E = n_experts leading.
-    bf16 scales are empty [E, nt, 0, 0] placeholders. Arrays may be read-only memory maps.
+    A format without scales has empty [E, nt, 0, 0] placeholders. Arrays may be read-only memory maps.
     """
 
     fmt: Format
@@ -73,19 +76,13 @@ class ExpertStore:
     scales: dict
 
     def __post_init__(self):
-        for name in PROJECTIONS:
-            n_out, n_in = projection_shape(name, self.hidden, self.width)
-            want_v = (self.n_experts,) + value_shape(self.fmt, n_out, n_in)
-            v = self.values.get(name)
-            if v is None or v.shape != want_v or v.dtype != np.dtype(value_dtype_name(self.fmt)):
-                got = None if v is None else (v.shape, str(v.dtype))
-                raise ValueError(f"{name} values: want {want_v} {value_dtype_name(self.fmt)}, got {got}")
-            want_s = (self.n_experts,) + scale_shape(self.fmt, n_out, n_in)
-            s = self.scales.get(name)
-            if s is None or s.shape != want_s or s.dtype != np.float32:
-                got = None if s is None else (s.shape, str(s.dtype))
-                raise ValueError(f"{name} scales: want {want_s} float32, got {got}")
-            if not (v.flags.c_contiguous and s.flags.c_contiguous):
+        for key, (shape, dtype) in layer_arrays(self.fmt, self.n_experts, self.hidden, self.width).items():
+            name, _, part = key.partition(".")
+            a = getattr(self, part).get(name)
+            if a is None or a.shape != shape or a.dtype != dtype:
+                got = None if a is None else (a.shape, str(a.dtype))
+                raise ValueError(f"{name} {part}: want {shape} {dtype}, got {got}")
+            if not a.flags.c_contiguous:
                 raise ValueError(f"{name} values and scales must be C-contiguous")
 
     @property
@@ -93,8 +90,105 @@ class ExpertStore:
         return sum(self.values[n].nbytes + self.scales[n].nbytes for n in PROJECTIONS)
 
 
-def _empty_scales(fmt: Format, n_experts: int, n_out: int, n_in: int) -> np.ndarray:
-    return np.zeros((n_experts,) + scale_shape(fmt, n_out, n_in), np.float32)
+def _stored(fmt: Format, key: str) -> bool:
+    """Whether array `key` has a file: all but the scales of a format without scales."""
+    return fmt.spec.has_scales or not key.endswith(".scales")
+
+
+def _assemble(fmt: Format, n_experts: int, hidden: int, width: int, stored) -> ExpertStore:
+    """The ExpertStore whose arrays with a file are stored(key); the others are empty scales placeholders."""
+    values, scales = {}, {}
+    for key, (shape, dtype) in layer_arrays(fmt, n_experts, hidden, width).items():
+        name, _, part = key.partition(".")
+        (values if part == "values" else scales)[name] = stored(key) if _stored(fmt, key) else np.zeros(shape, dtype)
+    return ExpertStore(fmt, n_experts, hidden, width, values, scales)
+
+
+class _LayerWriter:
+    """Quantize a layer one expert at a time into arrays made by `_allocate`: what the two writers below share.
+
+    `write_expert` places expert `e`; `close()` checks that every expert was written and finishes the store.
+    """
+
+    def __init__(self, fmt: Format, n_experts: int, hidden: int, width: int):
+        self.fmt, self.n_experts, self.hidden, self.width = fmt, n_experts, hidden, width
+        self._written = np.zeros(n_experts, bool)
+        self._arrays = {key: self._allocate(key, shape, dtype)
+                        for key, (shape, dtype) in layer_arrays(fmt, n_experts, hidden, width).items()
+                        if _stored(fmt, key)}
+
+    def _allocate(self, key: str, shape: tuple, dtype) -> np.ndarray:
+        raise NotImplementedError
+
+    def write_expert(self, e: int, gate: np.ndarray, up: np.ndarray, down: np.ndarray) -> None:
+        """Quantize and place expert `e`: gate, up [I, H] and down [H, I], float32 or bf16 as uint16."""
+        if not 0 <= e < self.n_experts:
+            raise ValueError(f"expert index {e} out of range [0, {self.n_experts})")
+        for name, w in zip(PROJECTIONS, (gate, up, down)):
+            want = projection_shape(name, self.hidden, self.width)
+            if w.shape != want:
+                raise ValueError(f"{name} of expert {e}: shape {w.shape}, want {want}")
+            v, s = quantize_matrix(w, self.fmt)
+            self._arrays[f"{name}.values"][e] = v
+            if self.fmt.spec.has_scales:
+                self._arrays[f"{name}.scales"][e] = s
+        self._written[e] = True
+
+    def _check_complete(self) -> None:
+        missing = np.flatnonzero(~self._written)
+        if missing.size:
+            raise ValueError(f"experts {missing[:8].tolist()} of {self.n_experts} were never written")
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is None:
+            self.close()
+
+
+class MemoryLayerWriter(_LayerWriter):
+    """LayerStoreWriter's interface into memory: `close()` returns the ExpertStore (quantizing at load time).
+
+    Memory: the layer's store, allocated at once, plus one expert's temporaries while it is written.
+    """
+
+    def _allocate(self, key: str, shape: tuple, dtype) -> np.ndarray:
+        return np.empty(shape, dtype)
+
+    def close(self) -> ExpertStore:
+        self._check_complete()
+        return _assemble(self.fmt, self.n_experts, self.hidden, self.width, self._arrays.__getitem__)
+
+
+class LayerStoreWriter(_LayerWriter):
+    """Write a layer store one expert at a time, for converters that cannot hold a layer in memory.
+
+        with LayerStoreWriter(path, fmt, n_experts, hidden, width) as w:
+            for e in range(n_experts):
+                w.write_expert(e, gate_e, up_e, down_e)   # float32 or bf16-as-uint16 matrices
+
+    Files grow under temporary names; `close()` (the `with` exit, only without an exception) checks that every
+    expert was written, moves them into place and writes the manifest last.
+    """
+
+    def __init__(self, directory, fmt: Format, n_experts: int, hidden: int, width: int):
+        self.directory = Path(directory)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        super().__init__(fmt, n_experts, hidden, width)
+
+    def _allocate(self, key: str, shape: tuple, dtype) -> np.ndarray:
+        path = self.directory / f"{key}.npy{_TMP}"
+        return np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=shape, version=(1, 0))
+
+    def close(self) -> Path:
+        self._check_complete()
+        for key, array in self._arrays.items():
+            array.flush()
+            os.replace(self.directory / f"{key}.npy{_TMP}", self.directory / f"{key}.npy")
+        _write_manifest(self.directory, _manifest(self.fmt, self.n_experts, self.hidden, self.width, self._arrays))
+        self._arrays = {}
+        return self.directory
 
 
 def build_store(gate: np.ndarray, up: np.ndarray, down: np.ndarray, fmt: Format) -> ExpertStore:
@@ -102,17 +196,10 @@ def build_store(gate: np.ndarray, up: np.ndarray, down: np.ndarray, fmt: Format)
     if gate.ndim != 3 or up.shape != gate.shape or down.shape != (gate.shape[0], gate.shape[2], gate.shape[1]):
         raise ValueError(f"want gate, up [E, I, H] and down [E, H, I]; got {gate.shape}, {up.shape}, {down.shape}")
     n_experts, width, hidden = gate.shape
-    values, scales = {}, {}
-    for name, w in zip(PROJECTIONS, (gate, up, down)):
-        n_out, n_in = projection_shape(name, hidden, width)
-        values[name] = np.empty((n_experts,) + value_shape(fmt, n_out, n_in), value_dtype_name(fmt))
-        scales[name] = _empty_scales(fmt, n_experts, n_out, n_in)
-        for e in range(n_experts):
-            v, s = quantize_matrix(w[e], fmt)
-            values[name][e] = v
-            if fmt.quantized:
-                scales[name][e] = s
-    return ExpertStore(fmt, n_experts, hidden, width, values, scales)
+    writer = MemoryLayerWriter(fmt, n_experts, hidden, width)
+    for e in range(n_experts):
+        writer.write_expert(e, gate[e], up[e], down[e])
+    return writer.close()
 
 
 def _manifest(fmt: Format, n_experts: int, hidden: int, width: int, arrays: dict) -> dict:
@@ -120,7 +207,7 @@ def _manifest(fmt: Format, n_experts: int, hidden: int, width: int, arrays: dict
         "format_version": FORMAT_VERSION,
         "format": fmt.name,
         "group_size": fmt.group_size,
-        "tile_rows": TILE_ROWS,
+        "tile_rows": fmt.spec.tile_rows,
         "n_experts": n_experts,
         "hidden": hidden,
         "width": width,
@@ -134,20 +221,15 @@ def _write_manifest(directory: Path, manifest: dict) -> None:
     os.replace(tmp, directory / MANIFEST)
 
 
-def _store_arrays(store: ExpertStore) -> dict:
-    arrays = {}
-    for name in PROJECTIONS:
-        arrays[f"{name}.values"] = store.values[name]
-        if store.fmt.quantized:
-            arrays[f"{name}.scales"] = store.scales[name]
-    return arrays
-
-
 def save_store(store: ExpertStore, directory) -> Path:
     """Write `store` to `directory` (created if missing) in the layout above; returns the directory."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    arrays = _store_arrays(store)
+    arrays = {}
+    for name in PROJECTIONS:
+        for key, array in ((f"{name}.values", store.values[name]), (f"{name}.scales", store.scales[name])):
+            if _stored(store.fmt, key):
+                arrays[key] = array
     for key, array in arrays.items():
         tmp = directory / f"{key}.npy{_TMP}"
         with open(tmp, "wb") as f:
@@ -165,82 +247,24 @@ def read_manifest(directory) -> dict:
     manifest = json.loads(path.read_text())
     if manifest.get("format_version") != FORMAT_VERSION:
         raise ValueError(f"{path}: format_version {manifest.get('format_version')!r}, this code reads {FORMAT_VERSION}")
-    if manifest.get("tile_rows") != TILE_ROWS:
-        raise ValueError(f"{path}: tile_rows {manifest.get('tile_rows')!r}, this code uses {TILE_ROWS}")
+    tile_rows = _manifest_format(manifest, path).spec.tile_rows
+    if manifest.get("tile_rows") != tile_rows:
+        raise ValueError(f"{path}: tile_rows {manifest.get('tile_rows')!r}, this code uses {tile_rows}")
     return manifest
+
+
+def _manifest_format(manifest: dict, path: Path) -> Format:
+    try:
+        return Format(manifest.get("format"), manifest.get("group_size"))
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None
 
 
 def load_store(directory, mmap: bool = True) -> ExpertStore:
     """Open a store directory; with mmap=True the arrays are read-only memory maps (nothing is read yet)."""
     directory = Path(directory)
     manifest = read_manifest(directory)
-    fmt = Format(manifest["format"], manifest["group_size"])
-    values, scales = {}, {}
-    for name in PROJECTIONS:
-        values[name] = np.load(directory / f"{name}.values.npy", mmap_mode="r" if mmap else None)
-        if fmt.quantized:
-            scales[name] = np.load(directory / f"{name}.scales.npy", mmap_mode="r" if mmap else None)
-        else:
-            n_out, n_in = projection_shape(name, manifest["hidden"], manifest["width"])
-            scales[name] = _empty_scales(fmt, manifest["n_experts"], n_out, n_in)
-    return ExpertStore(fmt, manifest["n_experts"], manifest["hidden"], manifest["width"], values, scales)
-
-
-class LayerStoreWriter:
-    """Write a layer store one expert at a time, for converters that cannot hold a layer in memory.
-
-        with LayerStoreWriter(path, fmt, n_experts, hidden, width) as w:
-            for e in range(n_experts):
-                w.write_expert(e, gate_e, up_e, down_e)   # float32 or bf16-as-uint16 matrices
-
-    Files grow under temporary names; `close()` (the `with` exit, only without an exception) checks that every
-    expert was written, moves them into place and writes the manifest last.
-    """
-
-    def __init__(self, directory, fmt: Format, n_experts: int, hidden: int, width: int):
-        self.directory = Path(directory)
-        self.directory.mkdir(parents=True, exist_ok=True)
-        self.fmt, self.n_experts, self.hidden, self.width = fmt, n_experts, hidden, width
-        self._written = np.zeros(n_experts, bool)
-        self._arrays = {}
-        for name in PROJECTIONS:
-            n_out, n_in = projection_shape(name, hidden, width)
-            self._open(f"{name}.values", (n_experts,) + value_shape(fmt, n_out, n_in), value_dtype_name(fmt))
-            if fmt.quantized:
-                self._open(f"{name}.scales", (n_experts,) + scale_shape(fmt, n_out, n_in), "float32")
-
-    def _open(self, key: str, shape: tuple, dtype: str) -> None:
-        path = self.directory / f"{key}.npy{_TMP}"
-        self._arrays[key] = np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=shape, version=(1, 0))
-
-    def write_expert(self, e: int, gate: np.ndarray, up: np.ndarray, down: np.ndarray) -> None:
-        """Quantize and place expert `e`: gate, up [I, H] and down [H, I], float32 or bf16 as uint16."""
-        if not 0 <= e < self.n_experts:
-            raise ValueError(f"expert index {e} out of range [0, {self.n_experts})")
-        for name, w in zip(PROJECTIONS, (gate, up, down)):
-            want = projection_shape(name, self.hidden, self.width)
-            if w.shape != want:
-                raise ValueError(f"{name} of expert {e}: shape {w.shape}, want {want}")
-            v, s = quantize_matrix(w, self.fmt)
-            self._arrays[f"{name}.values"][e] = v
-            if self.fmt.quantized:
-                self._arrays[f"{name}.scales"][e] = s
-        self._written[e] = True
-
-    def close(self) -> Path:
-        missing = np.flatnonzero(~self._written)
-        if missing.size:
-            raise ValueError(f"experts {missing[:8].tolist()} of {self.n_experts} were never written")
-        for key, array in self._arrays.items():
-            array.flush()
-            os.replace(self.directory / f"{key}.npy{_TMP}", self.directory / f"{key}.npy")
-        _write_manifest(self.directory, _manifest(self.fmt, self.n_experts, self.hidden, self.width, self._arrays))
-        self._arrays = {}
-        return self.directory
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, exc_type, exc, tb):
-        if exc_type is None:
-            self.close()
+    fmt = _manifest_format(manifest, directory / MANIFEST)
+    mode = "r" if mmap else None
+    return _assemble(fmt, manifest["n_experts"], manifest["hidden"], manifest["width"],
+                     lambda key: np.load(directory / f"{key}.npy", mmap_mode=mode))

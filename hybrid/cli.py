@@ -149,7 +149,8 @@ def convert(checkpoint, out, fmt, group, verify):
     """Stream CHECKPOINT's routed experts into an expert store at OUT (resumable; rerun to continue)."""
     from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn, TransferSpeedColumn
 
-    from hybrid.convert import convert as run, verify_store
+    from hybrid.convert import convert as run
+    from hybrid.expert_store import verify_store
 
     if verify:
         err.print(f"{verify_store(out) / 1e9:.2f} GB verified in {out}")

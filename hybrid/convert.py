@@ -1,39 +1,13 @@
 """Convert: stream a checkpoint's routed experts, layer by layer, into the CPU kernels' expert store.
 
     convert(checkpoint_folder, out_folder, "int4")   # FP8 or bf16 checkpoint -> int4/int8/bf16 expert store
-    layers = open_store_layers(out_folder)           # {layer: layer_dir}, what the runtime maps
-    verify_store(out_folder)                         # recompute every checksum
+    quantize_layer(ckpt, layer, writer)              # one layer, expert by expert, into a store writer
 
 Dimension legend: E routed experts, H hidden (7168 in K2), I expert width (2048), L layers.
 
-Store folder layout (store format version 1; a format users keep: change it only with a new version number)
------------------------------------------------------------------------------------------------------------
-    OUT/
-      hybrid_store.json      the store manifest, below; rewritten (temp name, then os.replace) after each layer
-      layer_003/             one layer store per converted MoE layer, numbered by the checkpoint's layer index;
-        manifest.json        its byte layout is cpu_kernels/store.py's (format version 1): per projection one
-        gate_proj.values.npy   .npy file holding all E experts, tiled for streaming; manifest.json written last
-        gate_proj.scales.npy   (int8 / int4 only)
-        up_proj.values.npy  up_proj.scales.npy  down_proj.values.npy  down_proj.scales.npy
-      layer_004/ ...
-
-hybrid_store.json:
-
-    {"store_format_version": 1, "format": "int4-g128", "format_name": "int4", "group_size": 128,
-     "source": {"checkpoint": "/abs/path/Kimi-K2-Instruct",           # where it was converted from
-                "files": {"model-00002-of-000062.safetensors": {"bytes": N, "tail_sha256": "..."}, ...}},
-     "model": {"model_type", "num_hidden_layers", "hidden_size", "moe_intermediate_size", "n_routed_experts",
-               "moe_layers": [first, ..., last]},
-     "layers": {"3": {"dir": "layer_003", "files": {"gate_proj.values.npy": {"bytes": N, "sha256": "..."}, ...}}}}
-
-Readers refuse a manifest whose layer entry names another "dir" than layer_NNN for its key, a file name that is
-not a plain name, or a path that resolves (through symlinks) outside the store folder.
-
-A layer is complete only when it is listed under "layers"; the entry is added after its layer store is closed
-(manifest.json written) and checksummed. `tail_sha256` hashes the last `FINGERPRINT_BYTES` of a shard: a cheap
-content fingerprint that tells apart two releases with equal shard sizes (K2-Instruct and K2-Instruct-0905)
-without reading a terabyte. The checkpoint may move: its path is recorded, not compared. Non-expert tensors
-(attention, norms, router, shared expert, embeddings) are not copied; the runtime reads them from the checkpoint.
+The store folder (layout, hybrid_store.json, how the runtime opens and verifies it) is hybrid/expert_store.py's.
+`quantize_layer` is the one checkpoint-to-store quantize path: `convert` gives it a cpu_kernels LayerStoreWriter
+(a layer store on disk), the loader a MemoryLayerWriter when a plan runs experts on the CPU without a store.
 
 Resuming: a rerun skips the layers recorded complete whose files exist with the recorded sizes; any other
 layer directory (half-written: temporary `.tmp` files, no manifest.json, or not yet recorded) is deleted and
@@ -56,34 +30,32 @@ overhead); int8 and bf16 within 15% of int4. At K2's width ~55% is the quantizer
 bf16 rounding, ~3% checksums: K2's 1.0 TB of FP8 experts would take ~3.5 h on one such core.
 """
 
-import hashlib
-import json
-import os
 import shutil
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from cpu_kernels.floats import FP8_BLOCK, dequantize_fp8, f32_to_bf16
 from cpu_kernels.formats import Format, check_matrix, parse_format
-from cpu_kernels.quantize import FP8_BLOCK, dequantize_fp8, f32_to_bf16
-from cpu_kernels.store import MANIFEST as LAYER_MANIFEST
 from cpu_kernels.store import LayerStoreWriter
 from hybrid import names
 from hybrid.checkpoint import Checkpoint
-from hybrid.errors import CheckpointError, ConfigError
+from hybrid.errors import ConfigError
+from hybrid.expert_store import (
+    STORE_MANIFEST,
+    TMP_MANIFEST,
+    checksums,
+    file_size,
+    identity_differences,
+    layer_dir_name,
+    parse_manifest,
+    store_identity,
+    write_json,
+)
 
-STORE_MANIFEST = "hybrid_store.json"
-STORE_FORMAT_VERSION = 1
-_TMP_MANIFEST = STORE_MANIFEST + ".tmp"  # a kill during the first manifest write leaves only this behind
-FINGERPRINT_BYTES = 1 << 20  # 1 MiB per shard: 62 MiB for K2, read in well under a second
-HASH_CHUNK_BYTES = 1 << 20  # read size while checksumming: page-cache reads, no RSS growth
 # Dtypes a bf16 array holds exactly; others (F16, F32) go through float32 so no precision is lost.
 _EXACT_IN_BF16 = ("BF16", "F8_E4M3")
-
-
-def layer_dir_name(layer: int) -> str:
-    return f"layer_{layer:03d}"
 
 
 def convert(checkpoint_folder, out_folder, fmt: str | Format = "int4", progress=None) -> Path:
@@ -99,10 +71,10 @@ def convert(checkpoint_folder, out_folder, fmt: str | Format = "int4", progress=
     cfg = ckpt.config
     fmt = _parse_format(fmt, cfg)
     out = Path(out_folder)
-    manifest = _open_or_start(out, _identity(ckpt, fmt))
+    manifest = _open_or_start(out, store_identity(ckpt, fmt))
     todo = [layer for layer in cfg.moe_layers if not _layer_intact(out, manifest, layer)]
     if any(manifest["layers"].pop(str(layer), None) for layer in todo):
-        _write_json(out / STORE_MANIFEST, manifest)  # a damaged layer stops being recorded before it is rewritten
+        write_json(out / STORE_MANIFEST, manifest)  # a damaged layer stops being recorded before it is rewritten
     total = sum(_layer_source_bytes(ckpt, layer) for layer in cfg.moe_layers)
     done = total - sum(_layer_source_bytes(ckpt, layer) for layer in todo)
     if progress is not None:
@@ -112,8 +84,8 @@ def convert(checkpoint_folder, out_folder, fmt: str | Format = "int4", progress=
         if directory.exists():
             shutil.rmtree(directory)  # half-written or damaged: never trusted, always redone
         done = _convert_layer(ckpt, layer, fmt, directory, done, total, progress)
-        manifest["layers"][str(layer)] = {"dir": directory.name, "files": _checksums(directory)}
-        _write_json(out / STORE_MANIFEST, manifest)
+        manifest["layers"][str(layer)] = {"dir": directory.name, "files": checksums(directory)}
+        write_json(out / STORE_MANIFEST, manifest)
     return out
 
 
@@ -132,13 +104,30 @@ def _convert_layer(ckpt: Checkpoint, layer: int, fmt: Format, directory: Path, d
     """Write one layer store expert by expert; returns the updated done_bytes."""
     cfg = ckpt.config
     writer = LayerStoreWriter(directory, fmt, cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size)
-    for e in range(cfg.n_routed_experts):
-        writer.write_expert(e, *_read_expert(ckpt, layer, e))
-        done += _expert_source_bytes(ckpt, layer, e)
+
+    def expert_done(source_bytes):
+        nonlocal done
+        done += source_bytes
         if progress is not None:
             progress(done, total)
-    writer.close()
+
+    quantize_layer(ckpt, layer, writer, expert_done)
     return done
+
+
+def quantize_layer(ckpt: Checkpoint, layer: int, writer, expert_done=None):
+    """Quantize MoE layer `layer`'s routed experts from `ckpt` into `writer`, one expert at a time; returns
+    writer.close() (a LayerStoreWriter's directory, a MemoryLayerWriter's ExpertStore).
+
+    `writer` has the cpu_kernels.store writers' interface (write_expert(e, gate, up, down), close()) and the
+    checkpoint's format and sizes. `expert_done(source_bytes)`, if given, is called after each expert with the
+    checkpoint bytes it read. Memory: one expert's temporaries besides what the writer holds.
+    """
+    for e in range(ckpt.config.n_routed_experts):
+        writer.write_expert(e, *_read_expert(ckpt, layer, e))
+        if expert_done is not None:
+            expert_done(_expert_source_bytes(ckpt, layer, e))
+    return writer.close()
 
 
 def _read_expert(ckpt: Checkpoint, layer: int, e: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -182,71 +171,27 @@ def _layer_source_bytes(ckpt: Checkpoint, layer: int) -> int:
     return sum(_expert_source_bytes(ckpt, layer, e) for e in range(ckpt.config.n_routed_experts))
 
 
-# ---- the store manifest ------------------------------------------------------------------------------------
-
-
-def _identity(ckpt: Checkpoint, fmt: Format) -> dict:
-    """Everything that must agree for a rerun to continue a store: format, model dims and source shards."""
-    cfg = ckpt.config
-    shards = sorted({info.path for info in ckpt.tensors.values()})
-    return {
-        "store_format_version": STORE_FORMAT_VERSION,
-        "format": str(fmt),
-        "format_name": fmt.name,
-        "group_size": fmt.group_size,
-        "source": {"checkpoint": str(ckpt.folder.resolve()),
-                   "files": {p.name: {"bytes": p.stat().st_size, "tail_sha256": _tail_sha256(p)} for p in shards}},
-        "model": {"model_type": cfg.model_type, "num_hidden_layers": cfg.num_hidden_layers,
-                  "hidden_size": cfg.hidden_size, "moe_intermediate_size": cfg.moe_intermediate_size,
-                  "n_routed_experts": cfg.n_routed_experts, "moe_layers": list(cfg.moe_layers)},
-    }
-
-
-def _tail_sha256(path: Path) -> str:
-    with open(path, "rb") as f:
-        f.seek(max(0, path.stat().st_size - FINGERPRINT_BYTES))
-        return hashlib.sha256(f.read(FINGERPRINT_BYTES)).hexdigest()
+# ---- continuing a store ------------------------------------------------------------------------------------
 
 
 def _open_or_start(out: Path, identity: dict) -> dict:
     """The manifest to continue from: the existing one if it describes the same conversion, else a new one."""
     path = out / STORE_MANIFEST
     if path.is_file():
-        manifest = _read_manifest(path)
-        differences = _differences(manifest, identity)
+        manifest = parse_manifest(path)
+        differences = identity_differences(manifest, identity)
         if differences:
             raise ConfigError(f"{path}: this folder holds a different expert store ({'; '.join(differences)}); "
                               f"convert into another folder, or delete this one to replace it")
         manifest["source"]["checkpoint"] = identity["source"]["checkpoint"]
         return manifest
-    if out.exists() and (not out.is_dir() or any(p.name != _TMP_MANIFEST for p in out.iterdir())):
+    if out.exists() and (not out.is_dir() or any(p.name != TMP_MANIFEST for p in out.iterdir())):
         raise ConfigError(f"{out}: exists and is not an empty folder, and holds no {STORE_MANIFEST}; "
                           f"refusing to convert into it")
     out.mkdir(parents=True, exist_ok=True)
     manifest = dict(identity, layers={})
-    _write_json(path, manifest)
+    write_json(path, manifest)
     return manifest
-
-
-def _differences(manifest: dict, identity: dict) -> list[str]:
-    out = []
-    for key in ("store_format_version", "format"):
-        if manifest.get(key) != identity[key]:
-            out.append(f"{key}: store has {manifest.get(key)!r}, this conversion {identity[key]!r}")
-    for key, want in identity["model"].items():
-        have = manifest.get("model", {}).get(key)
-        if have != want:
-            out.append(f"model {key}: store has {have!r}, checkpoint has {want!r}")
-    have_files = manifest.get("source", {}).get("files", {})
-    want_files = identity["source"]["files"]
-    for name in sorted(set(have_files) | set(want_files)):
-        have, want = have_files.get(name), want_files.get(name)
-        if have is None or want is None:
-            out.append(f"source file {name}: {'only in the checkpoint' if have is None else 'not in the checkpoint'}")
-        elif have != want:
-            what = "size" if have.get("bytes") != want["bytes"] else "content (tail_sha256)"
-            out.append(f"source file {name}: {what} differs from the checkpoint's")
-    return out
 
 
 def _layer_intact(out: Path, manifest: dict, layer: int) -> bool:
@@ -255,144 +200,4 @@ def _layer_intact(out: Path, manifest: dict, layer: int) -> bool:
     if entry is None:
         return False
     directory = out / entry["dir"]
-    return all(_size(directory / name) == f["bytes"] for name, f in entry["files"].items())
-
-
-def _size(path: Path):
-    try:
-        return path.stat().st_size
-    except OSError:
-        return None
-
-
-def _checksums(directory: Path) -> dict:
-    return {p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in sorted(directory.iterdir())}
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(HASH_CHUNK_BYTES):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _write_json(path: Path, data: dict) -> None:
-    """Write to a temporary name, flush it to disk, then rename: a crash leaves the old file or the new one."""
-    tmp = path.with_name(path.name + ".tmp")  # _TMP_MANIFEST for the store manifest
-    with open(tmp, "w") as f:
-        f.write(json.dumps(data, indent=1, sort_keys=True) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def _read_manifest(path: Path) -> dict:
-    """hybrid_store.json parsed, its layer entries checked (_check_layers): every reader comes through here."""
-    try:
-        data = json.loads(path.read_text())
-        if not isinstance(data, dict) or not isinstance(data.get("layers"), dict):
-            raise ValueError("expected an object with a 'layers' object")
-    except (ValueError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path}: not an expert store manifest ({e})") from None
-    _check_layers(path, data["layers"])
-    return data
-
-
-def _check_layers(path: Path, layers: dict) -> None:
-    """Each entry names exactly what convert writes: dir layer_NNN, plain file names, and nothing that resolves
-    outside the store folder. The manifest is a file on disk like any other: unchecked, a 'dir' of '../elsewhere'
-    or a file '../../x' would be hashed and handed to the runtime, and resuming would delete outside the store."""
-    root = path.parent.resolve()
-    for key, entry in layers.items():
-        if not (key.isascii() and key.isdigit() and str(int(key)) == key):
-            raise CheckpointError(f"{path}: layer key {key!r} is not a layer number")
-        if not isinstance(entry, dict) or not isinstance(entry.get("files"), dict):
-            raise CheckpointError(f"{path}: layer {key}: expected an object {{'dir': ..., 'files': {{...}}}}")
-        want = layer_dir_name(int(key))
-        if entry.get("dir") != want:
-            raise CheckpointError(f"{path}: layer {key} names dir {entry.get('dir')!r}; expected {want!r}")
-        for name, f in entry["files"].items():
-            if name in ("", ".", "..") or "/" in name or os.sep in name:
-                raise CheckpointError(f"{path}: layer {key} names file {name!r}; expected a plain file name")
-            if not isinstance(f, dict) or type(f.get("bytes")) is not int:
-                raise CheckpointError(f"{path}: layer {key} file {name!r}: expected {{'bytes': N, 'sha256': ...}}")
-        for inside in (want, *(f"{want}/{name}" for name in entry["files"])):
-            try:
-                target = (path.parent / inside).resolve()
-            except (OSError, RuntimeError, ValueError) as e:  # a symlink loop, a NUL byte in the name
-                raise CheckpointError(f"{path}: layer {key} names {inside!r}, which cannot be resolved ({e})") from None
-            if not target.is_relative_to(root):
-                raise CheckpointError(f"{path}: layer {key} names {inside!r}, which resolves to {target}, "
-                                      f"outside the store folder")
-
-
-# ---- reading a store ---------------------------------------------------------------------------------------
-
-
-def read_store_manifest(out_folder) -> dict:
-    """The parsed hybrid_store.json of a store folder; CheckpointError naming the file if absent or unreadable."""
-    path = Path(out_folder) / STORE_MANIFEST
-    if not path.is_file():
-        raise CheckpointError(f"{path}: not found; {out_folder} is not an expert store (make one with hybrid convert)")
-    manifest = _read_manifest(path)
-    if manifest.get("store_format_version") != STORE_FORMAT_VERSION:
-        raise CheckpointError(f"{path}: store_format_version {manifest.get('store_format_version')!r}, "
-                              f"this code reads {STORE_FORMAT_VERSION}")
-    return manifest
-
-
-def open_store_layers(out_folder, checkpoint: Checkpoint | None = None) -> dict[int, Path]:
-    """{MoE layer index: its layer store directory} for a complete store, after a cheap check of file sizes.
-
-    Raises CheckpointError naming the file when the store is incomplete (an interrupted convert: rerun it), or a
-    recorded file is missing or has another size than recorded. Reads no store contents (see verify_store).
-    With `checkpoint`, also checks that the store was converted from it (model dims, shard names, sizes and
-    tail fingerprints: reads 1 MiB per shard).
-    """
-    out = Path(out_folder)
-    manifest = read_store_manifest(out)
-    path = out / STORE_MANIFEST
-    if checkpoint is not None:
-        fmt = Format(manifest["format_name"], manifest["group_size"])
-        differences = _differences(manifest, _identity(checkpoint, fmt))
-        if differences:
-            raise CheckpointError(f"{path}: this store was not converted from {checkpoint.folder} "
-                                  f"({'; '.join(differences)})")
-    missing = [layer for layer in manifest["model"]["moe_layers"] if str(layer) not in manifest["layers"]]
-    if missing:
-        raise CheckpointError(f"{path}: incomplete store: MoE layers {missing} are not converted yet "
-                              f"(rerun hybrid convert with the same arguments to finish it)")
-    layers = {}
-    for key, entry in sorted(manifest["layers"].items(), key=lambda kv: int(kv[0])):
-        directory = out / entry["dir"]
-        for name, f in entry["files"].items():
-            size = _size(directory / name)
-            if size is None:
-                raise CheckpointError(f"{directory / name}: missing (listed in {path})")
-            if size != f["bytes"]:
-                raise CheckpointError(f"{directory / name}: {size} bytes, {path} records {f['bytes']}")
-        if not (directory / LAYER_MANIFEST).is_file():
-            raise CheckpointError(f"{directory / LAYER_MANIFEST}: missing; layer {key} is not a complete layer store")
-        layers[int(key)] = directory
-    return layers
-
-
-def verify_store(out_folder) -> int:
-    """Recompute every file's sha256 against hybrid_store.json; returns the bytes checked.
-
-    Raises CheckpointError naming the first file whose size or checksum differs (or what open_store_layers
-    raises for an incomplete store).
-    """
-    out = Path(out_folder)
-    manifest = read_store_manifest(out)
-    open_store_layers(out)
-    n_bytes = 0
-    for entry in manifest["layers"].values():
-        for name, f in sorted(entry["files"].items()):
-            path = out / entry["dir"] / name
-            if _sha256(path) != f["sha256"]:
-                raise CheckpointError(f"{path}: sha256 differs from the one recorded in {out / STORE_MANIFEST}; "
-                                      f"the file is damaged (delete its layer folder and rerun hybrid convert)")
-            n_bytes += f["bytes"]
-    return n_bytes
+    return all(file_size(directory / name) == f["bytes"] for name, f in entry["files"].items())

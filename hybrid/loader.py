@@ -135,28 +135,16 @@ def _install_cpu_experts(model, ckpt, plan, store, dtype):
 
 def _quantized_layer(ckpt, layer, fmt):
     """One layer's experts quantized into an in-memory expert store, one expert at a time (memory: the store
-    itself, never the layer in float): the no-conversion path straight from the checkpoint."""
-    import numpy as np
-    from cpu_kernels.formats import scale_shape, value_dtype_name, value_shape
-    from cpu_kernels.quantize import quantize_matrix
-    from cpu_kernels.store import PROJECTIONS, ExpertStore, projection_shape
+    itself, never the layer in float): the no-conversion path, through the converter's quantize_layer."""
+    from cpu_kernels.store import MemoryLayerWriter
+    from hybrid.convert import quantize_layer
 
     cfg = ckpt.config
-    E, H, I = cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size
-    values, scales = {}, {}
-    for proj in PROJECTIONS:
-        n_out, n_in = projection_shape(proj, H, I)
-        values[proj] = np.empty((E,) + value_shape(fmt, n_out, n_in), value_dtype_name(fmt))
-        scales[proj] = np.zeros((E,) + scale_shape(fmt, n_out, n_in), np.float32)
-        for e in range(E):
-            v, sc = quantize_matrix(ckpt.weight(names.expert_key(layer, e, proj), torch.float32).numpy(), fmt)
-            values[proj][e] = v
-            if fmt.quantized:
-                scales[proj][e] = sc
-    return ExpertStore(fmt, E, H, I, values, scales)
+    writer = MemoryLayerWriter(fmt, cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size)
+    return quantize_layer(ckpt, layer, writer)
 
 
 def _store_layers(store, ckpt) -> dict:
-    from hybrid.convert import open_store_layers
+    from hybrid.expert_store import open_store_layers
 
     return open_store_layers(store, ckpt)  # refuses a store converted from another checkpoint

@@ -23,8 +23,9 @@ from cpu_kernels.formats import MATVEC_ERROR_BOUND
 from cpu_kernels.store import PROJECTIONS
 from hybrid import names
 from hybrid.checkpoint import Checkpoint
-from hybrid.convert import STORE_MANIFEST, convert, layer_dir_name, open_store_layers, verify_store
+from hybrid.convert import convert
 from hybrid.errors import CheckpointError, ConfigError
+from hybrid.expert_store import STORE_MANIFEST, layer_dir_name, open_store_layers, verify_store
 from hybrid.tiny import TinySpec, make_tiny
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -10,7 +10,7 @@ ROOT = Path(__file__).resolve().parents[1]
 LAYERS = {
     "cpu_kernels": 0,
     "hybrid.errors": 1, "hybrid.config": 1, "hybrid.names": 1, "hybrid.checkpoint": 1, "hybrid.fp8": 1,
-    "hybrid.tiny": 1, "hybrid.convert": 1,
+    "hybrid.tiny": 1, "hybrid.expert_store": 1, "hybrid.convert": 1,
     "placement": 2,
     "hybrid.layers": 3, "hybrid.rope": 3, "hybrid.kv_cache": 3, "hybrid.experts": 3, "hybrid.model": 3,
     "hybrid.loader": 3, "hybrid.timing": 3, "hybrid.runtime": 4, "hybrid.profiling": 4,
