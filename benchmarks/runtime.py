@@ -23,11 +23,11 @@ from rich.table import Table
 
 from cpu_kernels.bench import BandwidthProbe
 from cpu_kernels.threads import physical_cores
-from hybrid.checkpoint import Checkpoint
-from hybrid.convert import convert
-from hybrid.generate import decode_step, prefill, prefill_rows
-from hybrid.runtime import open_runtime
-from hybrid.tiny import K2_WIDTHS, TinySpec, make_tiny
+from hybrid.read.checkpoint import Checkpoint
+from hybrid.read.convert import convert
+from hybrid.generation.generate import decode_step, prefill, prefill_rows
+from hybrid.generation.runtime import open_runtime
+from hybrid.read.tiny import K2_WIDTHS, TinySpec, make_tiny
 from placement.hardware import detect
 from placement.planner import PlanRequest, make_plan
 

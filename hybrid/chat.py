@@ -1,4 +1,4 @@
-"""`hybrid chat`: the terminal front end of a ChatSession (hybrid.conversation).
+"""`hybrid chat`: the terminal front end of a ChatSession (hybrid.generation.conversation).
 
 Reads lines with prompt_toolkit when stdin is a terminal (line editing, history in the cache folder, Alt-Enter
 or Esc Enter for a new line, pasted blocks kept whole), plain lines otherwise. Streams the reply to stdout;
@@ -14,7 +14,7 @@ from contextlib import contextmanager
 from rich.markup import escape
 
 from hybrid.errors import HybridError
-from hybrid.tools import Text, ToolCall, Warn
+from hybrid.generation.tools import Text, ToolCall, Warn
 
 HELP = """commands:
   /reset          start a new conversation (the system prompt stays)
@@ -182,7 +182,7 @@ def terminal_reader():
     from prompt_toolkit.history import FileHistory, InMemoryHistory
     from prompt_toolkit.key_binding import KeyBindings
 
-    from hybrid.demo import cache_dir
+    from hybrid.generation.demo import cache_dir
 
     keys = KeyBindings()
 

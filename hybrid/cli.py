@@ -49,7 +49,7 @@ def cli():
 def make_tiny_cmd(out, fp8, layers, dense_layers, experts, top_k, hidden, n_group, topk_group, seed,
                   tokenizer_from, shape, overwrite):
     """Write a random-weight checkpoint in Kimi-K2-Instruct-0905's exact on-disk layout."""
-    from hybrid.tiny import K2_WIDTHS, TinySpec, make_tiny
+    from hybrid.read.tiny import K2_WIDTHS, TinySpec, make_tiny
 
     widths = K2_WIDTHS if shape == "kimi-k2" else {"hidden": hidden}
     spec = TinySpec(layers=layers, dense_layers=dense_layers, experts=experts, top_k=top_k, n_group=n_group,
@@ -76,7 +76,7 @@ def make_tiny_cmd(out, fp8, layers, dense_layers, experts, top_k, hidden, n_grou
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of streaming text.")
 def generate(model, prompt, prompt_ids, allow_special, plan_file, store, as_json, stop, **sampling):
     """Generate from MODEL (a checkpoint folder) and print the text as it comes."""
-    from hybrid.generate import Stats, generate as run
+    from hybrid.generation.generate import Stats, generate as run
 
     check_sampling(**sampling)
     rt = load_for_cli(model, plan_file, store)
@@ -149,8 +149,8 @@ def convert(checkpoint, out, fmt, group, verify):
     """Stream CHECKPOINT's routed experts into an expert store at OUT (resumable; rerun to continue)."""
     from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn, TransferSpeedColumn
 
-    from hybrid.convert import convert as run
-    from hybrid.expert_store import verify_store
+    from hybrid.read.convert import convert as run
+    from hybrid.read.expert_store import verify_store
 
     if verify:
         err.print(f"{verify_store(out) / 1e9:.2f} GB verified in {out}")
@@ -215,12 +215,12 @@ def profile(model, shape, layers, experts, project_hardware, prompt_lens, batche
 def chat(model, demo, plan_file, store, tools_file, prompt, max_new_tokens, **settings):
     """Chat with MODEL (a checkpoint folder) in the terminal; /help inside lists the commands."""
     from hybrid.chat import run_chat
-    from hybrid.conversation import ChatSession
+    from hybrid.generation.conversation import ChatSession
 
     if demo == (model is not None):
         raise click.UsageError("give a MODEL folder or --demo")
     if demo:
-        from hybrid.demo import ensure_demo_model
+        from hybrid.generation.demo import ensure_demo_model
 
         model, max_new_tokens = ensure_demo_model(), max_new_tokens or 200
         err.print(f"[dim]demo model: {escape(str(model))} (random weights: its replies are noise)[/dim]")
@@ -267,7 +267,7 @@ def bench(args):
 def check_sampling(**given):
     """Sampling flags checked before the model loads (minutes for K2): SamplingParams raises one ConfigError
     naming the flag."""
-    from hybrid.sampling import SamplingParams
+    from hybrid.generation.sampling import SamplingParams
 
     SamplingParams(**{k: v for k, v in given.items() if v is not None})
 
@@ -292,7 +292,7 @@ def load_for_cli(folder: Path, plan_file=None, store=None, needs_chat: bool = Fa
     """open_runtime with a progress bar (every file and the plan are checked before any weight is read)."""
     from rich.progress import Progress
 
-    from hybrid.runtime import open_runtime
+    from hybrid.generation.runtime import open_runtime
 
     with Progress(console=err, transient=True) as bar:
         task = bar.add_task("loading weights", total=None)

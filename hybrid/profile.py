@@ -1,6 +1,6 @@
 """`hybrid profile`: where each millisecond of a token goes, the bandwidth view, and a calibrated planner.
 
-The measuring is hybrid.profiling's; this module picks the model and plan, runs the grid of prompt lengths
+The measuring is hybrid.generation.profiling's; this module picks the model and plan, runs the grid of prompt lengths
 and batch sizes, and renders: a rich table, JSON, CSV, a PNG (per-token time by component as stacked bars,
 decode tokens/s against context length), the routing statistics file and the measured hardware YAML.
 """
@@ -13,15 +13,15 @@ from pathlib import Path
 import yaml
 from rich.table import Table
 
-from hybrid.checkpoint import Checkpoint
-from hybrid.profiling import COMPONENTS, RoutingCounter, calibrated_hardware, full_size_projection, profile_run
+from hybrid.read.checkpoint import Checkpoint
+from hybrid.generation.profiling import COMPONENTS, RoutingCounter, calibrated_hardware, full_size_projection, profile_run
 
 CACHE = Path.home() / ".cache" / "hybrid"
 
 
 def shape_model(shape: str, layers: int, experts: int) -> Path:
     """A K2-width checkpoint with few layers and experts, written once into the cache folder."""
-    from hybrid.tiny import K2_WIDTHS, TinySpec, make_tiny
+    from hybrid.read.tiny import K2_WIDTHS, TinySpec, make_tiny
 
     folder = CACHE / f"profile-{shape}-L{layers}-E{experts}"
     if not (folder / "config.json").is_file():
@@ -45,7 +45,7 @@ def run_profile(folder, plan_file=None, store=None, prompt_lens=(128,), gen=16, 
     """Measure the grid; returns the report dict (see README / docs/performance.md for its keys)."""
     from cpu_kernels.bench import BandwidthProbe
     from cpu_kernels.formats import parse_format
-    from hybrid.runtime import open_runtime
+    from hybrid.generation.runtime import open_runtime
     from placement import memory, presets
     from placement.planner import evaluate
     from placement.resolve import resolve_hardware

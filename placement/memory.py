@@ -11,8 +11,8 @@ import re
 from functools import lru_cache
 
 from cpu_kernels.formats import matrix_bytes, parse_format
-from hybrid.config import ModelConfig
-from hybrid.names import expected_tensors, parse_expert_key
+from hybrid.read.config import ModelConfig
+from hybrid.read.names import expected_tensors, parse_expert_key
 
 GIB = 2**30
 CUDA_CONTEXT_BYTES = int(0.75 * GIB)  # CUDA context + torch allocator slack, seen on 24-80 GB cards

@@ -10,9 +10,9 @@ from dataclasses import dataclass, field
 from functools import cached_property
 
 from cpu_kernels.formats import parse_format
-from hybrid.config import ModelConfig
+from hybrid.read.config import ModelConfig
 from hybrid.errors import PlanError
-from hybrid.names import layer_prefix, quantizable
+from hybrid.read.names import layer_prefix, quantizable
 from placement import memory
 from placement.hardware import gpu_index
 

@@ -11,7 +11,7 @@ import json
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from hybrid.config import ModelConfig
+from hybrid.read.config import ModelConfig
 from hybrid.errors import PlanError
 from placement import memory
 from placement.hardware import Hardware, gpu_index

@@ -20,7 +20,7 @@ Experts the plan puts on the GPU take their share of routed traffic (`gpu_expert
 
 from dataclasses import dataclass
 
-from hybrid.config import ModelConfig
+from hybrid.read.config import ModelConfig
 from placement.hardware import Hardware
 
 PCIE_LATENCY_S = 10e-6

@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-from hybrid.config import ModelConfig, load_config
+from hybrid.read.config import ModelConfig, load_config
 from hybrid.errors import PlanError
 from placement import presets
 from placement.hardware import Hardware, describe, detect, load_hardware

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from hybrid.tiny import TinySpec, make_tiny
+from hybrid.read.tiny import TinySpec, make_tiny
 
 K2_FILES = Path(__file__).resolve().parent / "data" / "kimi-k2"  # K2's real tokenizer, configs and templates (SOURCES.md)
 

@@ -24,8 +24,8 @@ def main(argv):
     checkpoint, out, fmt = argv[:3]
     kill_at = int(argv[argv.index("--kill-at-bytes") + 1]) if "--kill-at-bytes" in argv else None
 
-    from hybrid.checkpoint import Checkpoint
-    from hybrid.convert import convert
+    from hybrid.read.checkpoint import Checkpoint
+    from hybrid.read.convert import convert
 
     def progress(done_bytes, total_bytes):
         if kill_at is not None and done_bytes >= kill_at:

@@ -13,8 +13,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from hybrid.checkpoint import Checkpoint
-from hybrid.names import SCALE_SUFFIX
+from hybrid.read.checkpoint import Checkpoint
+from hybrid.read.names import SCALE_SUFFIX
 
 
 def write_oracle_twin(folder, out) -> Path:
@@ -41,7 +41,7 @@ def write_oracle_twin(folder, out) -> Path:
 
 def reference_fp8_to_bf16(w, scale_inv, block=128):
     """DeepSeek's conversion: widen to f32, multiply by the block's scale, round to bf16 (written independently
-    of hybrid.fp8: each block is multiplied in a loop)."""
+    of hybrid.read.fp8: each block is multiplied in a loop)."""
     out = w.float().clone()
     for i in range(scale_inv.shape[0]):
         for j in range(scale_inv.shape[1]):

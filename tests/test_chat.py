@@ -11,17 +11,17 @@ from pathlib import Path
 
 import pytest
 
-import hybrid.conversation as conversation
+import hybrid.generation.conversation as conversation
 from hybrid.chat import run_chat
-from hybrid.chat_template import chat_template_for
-from hybrid.conversation import ChatSession
-from hybrid.demo import DEMO_SPEC, ensure_demo_model, restrict_output
+from hybrid.generation.chat_template import chat_template_for
+from hybrid.generation.conversation import ChatSession
+from hybrid.generation.demo import DEMO_SPEC, ensure_demo_model, restrict_output
 from hybrid.errors import ConfigError, GenerationError
-from hybrid.generate import Step
-from hybrid.loader import load_model
-from hybrid.tiny import TinySpec, make_tiny
-from hybrid.runtime import open_runtime
-from hybrid.tools import Text, ToolCall, Warn
+from hybrid.generation.generate import Step
+from hybrid.run.loader import load_model
+from hybrid.read.tiny import TinySpec, make_tiny
+from hybrid.generation.runtime import open_runtime
+from hybrid.generation.tools import Text, ToolCall, Warn
 
 HYBRID = str(Path(sys.executable).parent / "hybrid")
 WEATHER = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]

@@ -7,9 +7,9 @@ import json
 import pytest
 
 from conftest import K2_FILES
-from hybrid.chat_template import K2_TEMPLATE, ChatTemplate, load_chat_template
+from hybrid.generation.chat_template import K2_TEMPLATE, ChatTemplate, load_chat_template
 from hybrid.errors import ConfigError, GenerationError
-from hybrid.tokenizer import Tokenizer
+from hybrid.generation.tokenizer import Tokenizer
 
 T0711 = K2_FILES / "chat_template_0711_initial.jinja"
 T0905A, T0905B = K2_FILES / "chat_template_0905_variantA.jinja", K2_FILES / "chat_template_0905_variantB.jinja"

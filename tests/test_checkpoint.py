@@ -12,12 +12,12 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from conftest import K2_FILES
-from hybrid import names
-from hybrid.checkpoint import Checkpoint, read_header
-from hybrid.config import load_config
+from hybrid.read import names
+from hybrid.read.checkpoint import Checkpoint, read_header
+from hybrid.read.config import load_config
 from hybrid.errors import CheckpointError
-from hybrid.fp8 import scale_shape
-from hybrid.loader import load_model
+from hybrid.read.fp8 import scale_shape
+from hybrid.run.loader import load_model
 
 SHARD2 = "model-00002-of-000004.safetensors"  # layer 0 (dense) of the tiny K2
 SHARD3 = "model-00003-of-000004.safetensors"  # layer 1 (MoE)

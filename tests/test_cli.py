@@ -5,9 +5,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from hybrid.generate import Stats, generate
-from hybrid.loader import load_model
-from hybrid.sampling import SamplingParams
+from hybrid.generation.generate import Stats, generate
+from hybrid.run.loader import load_model
+from hybrid.generation.sampling import SamplingParams
 
 HYBRID = str(Path(sys.executable).parent / "hybrid")
 

@@ -5,7 +5,7 @@ import json
 import pytest
 
 from conftest import K2_FILES
-from hybrid.config import load_config
+from hybrid.read.config import load_config
 from hybrid.errors import ConfigError
 
 K2_0905 = K2_FILES / "config_0905.reconstructed.json"

@@ -21,12 +21,12 @@ from reference import routed_experts_reference
 from cpu_kernels import MoEExperts, dequantize_matrix, expert_bytes, load_store, parse_format
 from cpu_kernels.formats import MATVEC_ERROR_BOUND
 from cpu_kernels.store import PROJECTIONS
-from hybrid import names
-from hybrid.checkpoint import Checkpoint
-from hybrid.convert import convert
+from hybrid.read import names
+from hybrid.read.checkpoint import Checkpoint
+from hybrid.read.convert import convert
 from hybrid.errors import CheckpointError, ConfigError
-from hybrid.expert_store import STORE_MANIFEST, layer_dir_name, open_store_layers, verify_store
-from hybrid.tiny import TinySpec, make_tiny
+from hybrid.read.expert_store import STORE_MANIFEST, layer_dir_name, open_store_layers, verify_store
+from hybrid.read.tiny import TinySpec, make_tiny
 
 ROOT = Path(__file__).resolve().parents[1]
 CHILD = Path(__file__).resolve().parent / "convert_child.py"

@@ -5,11 +5,11 @@ import queue
 import pytest
 import torch
 
-from hybrid.engine import Engine, Request
+from hybrid.generation.engine import Engine, Request
 from hybrid.errors import GenerationError
-from hybrid.generate import Stats, generate, new_cache
-from hybrid.loader import load_model
-from hybrid.sampling import SamplingParams
+from hybrid.generation.generate import Stats, generate, new_cache
+from hybrid.run.loader import load_model
+from hybrid.generation.sampling import SamplingParams
 
 
 @pytest.fixture(scope="module")

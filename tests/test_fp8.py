@@ -4,7 +4,7 @@ import math
 
 import torch
 
-from hybrid import fp8
+from hybrid.read import fp8
 from reference import fp8_dequant_reference, fp8_e4m3_value
 
 

@@ -4,12 +4,12 @@ import pytest
 import torch
 
 from hybrid.errors import ConfigError, GenerationError
-from hybrid.generate import Stats, generate, new_cache
-from hybrid.kv_cache import MLACache
-from hybrid.loader import load_model
-from hybrid.sampling import SamplingParams, sample
+from hybrid.generation.generate import Stats, generate, new_cache
+from hybrid.run.kv_cache import MLACache
+from hybrid.run.loader import load_model
+from hybrid.generation.sampling import SamplingParams, sample
 from conftest import K2_FILES
-from hybrid.config import load_config
+from hybrid.read.config import load_config
 
 
 def test_greedy_is_argmax_and_filters_reduce_to_it():
@@ -76,7 +76,7 @@ def test_draw_frequencies_match_an_independent_reference(kw):
 
 
 def test_seeds_over_the_whole_64_bit_range_and_not_beyond():
-    from hybrid.sampling import SEED_MAX, SEED_MIN
+    from hybrid.generation.sampling import SEED_MAX, SEED_MIN
 
     logits = torch.randn(50, generator=torch.Generator().manual_seed(0))
     for seed in (SEED_MIN, -1, 0, SEED_MAX):

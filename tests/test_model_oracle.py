@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from hybrid.generate import Stats, generate, new_cache, prefill
-from hybrid.loader import load_model
-from hybrid.sampling import SamplingParams
+from hybrid.generation.generate import Stats, generate, new_cache, prefill
+from hybrid.run.loader import load_model
+from hybrid.generation.sampling import SamplingParams
 from oracle import assert_oracle_holds_checkpoint, load_oracle, write_oracle_twin
 
 PROMPT_LEN = 100  # past original_max_position_embeddings (64): YaRN's interpolated frequencies matter
@@ -102,7 +102,7 @@ def test_yarn_matters_past_the_original_context(k2_tiny):
     ids = prompt()
     with_yarn = model(ids)
     plain = dataclasses.replace(model.config, rope_scaling=None)
-    from hybrid.rope import Rope
+    from hybrid.run.rope import Rope
 
     model.rope = Rope(plain)
     assert rel_err(model(ids), with_yarn) > 1e-3

@@ -12,8 +12,8 @@ import yaml
 
 from hybrid.errors import PlanError
 from placement import presets
-from hybrid.experts import HybridExperts
-from hybrid.loader import cache_device, load_model
+from hybrid.run.experts import HybridExperts
+from hybrid.run.loader import cache_device, load_model
 from placement.hardware import describe, hardware_to_dict, load_hardware
 from placement.ktransformers import translate
 from placement.plan import Plan, Rule, Settings
@@ -123,7 +123,7 @@ def tiny_plan(backing="ram"):
 
 
 def test_disk_backed_experts_need_a_store(k2_tiny, tmp_path):
-    from hybrid.convert import convert
+    from hybrid.read.convert import convert
 
     with pytest.raises(PlanError, match="tiny.yaml: expert_backing disk keeps routed experts memory-mapped"):
         load_model(k2_tiny, plan=tiny_plan("disk"))

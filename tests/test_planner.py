@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from hybrid.errors import PlanError
-from hybrid.names import quantizable
+from hybrid.read.names import quantizable
 from placement import memory, presets
 from placement.hardware import describe, gpu_device, load_hardware
 from placement.plan import Plan, Rule

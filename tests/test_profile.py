@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from hybrid.profile import run_profile
-from hybrid.profiling import COMPONENTS, full_size_projection
+from hybrid.generation.profiling import COMPONENTS, full_size_projection
 from placement.hardware import load_hardware
 from placement.planner import load_routing_counts
 
@@ -49,7 +49,7 @@ def test_projection_vs_measurement(report):
 
 
 def test_full_size_projection_scales_with_layers(k2_tiny, report):
-    from hybrid.config import load_config
+    from hybrid.read.config import load_config
 
     small = load_config(k2_tiny)
     base = full_size_projection(small, small, report["runs"][0])

@@ -4,12 +4,12 @@ import pytest
 import torch
 
 from cpu_kernels.formats import MATVEC_ERROR_BOUND
-from hybrid.experts import HybridExperts
-from hybrid.generate import Stats, generate
-from hybrid.runtime import default_sampling, open_runtime, read_generation_config
-from hybrid.layers import Fp8Linear
-from hybrid.loader import load_model
-from hybrid.sampling import SamplingParams
+from hybrid.run.experts import HybridExperts
+from hybrid.generation.generate import Stats, generate
+from hybrid.generation.runtime import default_sampling, open_runtime, read_generation_config
+from hybrid.run.layers import Fp8Linear
+from hybrid.run.loader import load_model
+from hybrid.generation.sampling import SamplingParams
 from placement.plan import Plan, Rule, Settings
 
 EXPERTS = r"\.mlp\.experts\."
@@ -94,7 +94,7 @@ def test_expert_deferral_is_off_by_default_and_changes_little_when_on(k2_tiny, r
     err = rel_err(deferred(ids), want)
     assert 1e-3 < err < 0.5  # measured 0.13 on this random-weight model: recorded in docs/performance.md
     # deferral through the decode path equals deferral through one prefill
-    from hybrid.generate import new_cache
+    from hybrid.generation.generate import new_cache
 
     cache = new_cache(deferred, 60)
     steps = torch.cat([deferred(ids[:, :30], cache=cache)] + [deferred(ids[:, t:t + 1], cache=cache)
@@ -113,13 +113,13 @@ def test_sampling_defaults(tmp_path, k2_tiny, k2_copy):
 
 
 def reference_config(folder):
-    from hybrid.config import load_config
+    from hybrid.read.config import load_config
 
     return load_config(folder)
 
 
 def test_stop_strings_end_generation_and_are_dropped(k2_tiny, reference):
-    from hybrid.tokenizer import Tokenizer
+    from hybrid.generation.tokenizer import Tokenizer
 
     tok = Tokenizer.from_folder(k2_tiny)
     ids = tok.encode("Hello")
@@ -135,7 +135,7 @@ def test_stop_strings_end_generation_and_are_dropped(k2_tiny, reference):
 
 
 def test_converted_store_equals_quantizing_at_load(k2_tiny, tmp_path):
-    from hybrid.convert import convert
+    from hybrid.read.convert import convert
 
     store = convert(k2_tiny, tmp_path / "store", "int8")
     from_store = load_model(k2_tiny, plan=cpu_experts("int8"), store=store)

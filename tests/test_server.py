@@ -277,7 +277,7 @@ def test_hybrid_serve_command(k2_tiny):
 def test_request_sampling_reaches_the_sampler(client, service, server):
     """top_k, min_p and seed sent by a client sample exactly what the library's generate() samples with the
     same values over the same defaults (Runtime.sampling, the one merge every front end uses)."""
-    from hybrid.generate import Stats, generate
+    from hybrid.generation.generate import Stats, generate
 
     ids, kw = [5, 6, 7, 8], dict(temperature=1.0, top_k=3, min_p=0.05, seed=7)
 

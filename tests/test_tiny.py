@@ -6,12 +6,12 @@ import json
 import torch
 
 from conftest import K2_FILES
-from hybrid.checkpoint import Checkpoint
-from hybrid.generate import Stats, generate
-from hybrid.loader import load_model
-from hybrid.sampling import SamplingParams
-from hybrid.tiny import TinySpec, make_tiny
-from hybrid.tokenizer import Tokenizer
+from hybrid.read.checkpoint import Checkpoint
+from hybrid.generation.generate import Stats, generate
+from hybrid.run.loader import load_model
+from hybrid.generation.sampling import SamplingParams
+from hybrid.read.tiny import TinySpec, make_tiny
+from hybrid.generation.tokenizer import Tokenizer
 
 
 def digest(folder):

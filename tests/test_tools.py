@@ -6,7 +6,7 @@ import pytest
 
 from conftest import K2_FILES
 from hybrid.errors import ConfigError
-from hybrid.tools import Text, ToolCall, ToolCallStream, Warn, collect, load_tools, parse_reply
+from hybrid.generation.tools import Text, ToolCall, ToolCallStream, Warn, collect, load_tools, parse_reply
 
 B, E = "<|tool_calls_section_begin|>", "<|tool_calls_section_end|>"
 CB, CA, CE = "<|tool_call_begin|>", "<|tool_call_argument_begin|>", "<|tool_call_end|>"
@@ -138,8 +138,8 @@ def test_a_call_is_reported_as_soon_as_it_ends():
 def test_streamed_through_k2_tokens():
     """K2's markers are single special tokens: the text stream yields them whole, and the parser agrees with
     the whole-reply parse at every token boundary."""
-    from hybrid.streaming import TextStream
-    from hybrid.tokenizer import Tokenizer
+    from hybrid.generation.streaming import TextStream
+    from hybrid.generation.tokenizer import Tokenizer
 
     k2 = Tokenizer.from_folder(K2_FILES)
     ids = k2.encode(WITH_TEXT)

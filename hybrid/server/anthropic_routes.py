@@ -11,7 +11,7 @@ from fastapi.responses import StreamingResponse
 
 from hybrid.server.schemas import AnthropicRequest
 from hybrid.server.service import ReplySplitter, ServeError, error_events, forced_prefix, tool_arguments
-from hybrid.tools import Text, ToolCall
+from hybrid.generation.tools import Text, ToolCall
 
 router = APIRouter()
 K2_TEMPERATURE_SCALE = 0.6

@@ -9,7 +9,7 @@ from fastapi.responses import StreamingResponse
 
 from hybrid.server.schemas import ChatRequest, CompletionRequest
 from hybrid.server.service import ReplySplitter, ServeError, error_events, forced_prefix
-from hybrid.tools import Text, ToolCall
+from hybrid.generation.tools import Text, ToolCall
 
 router = APIRouter()
 

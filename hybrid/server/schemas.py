@@ -7,7 +7,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from hybrid.sampling import SEED_MAX, SEED_MIN
+from hybrid.generation.sampling import SEED_MAX, SEED_MIN
 
 Seed = Field(default=None, ge=SEED_MIN, le=SEED_MAX)
 

@@ -13,10 +13,10 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
-from hybrid.engine import Engine, Request
+from hybrid.generation.engine import Engine, Request
 from hybrid.errors import EngineError, GenerationError
-from hybrid.sampling import SamplingParams
-from hybrid.tools import ARGUMENT_BEGIN, CALL_BEGIN, SECTION_BEGIN, Text, ToolCall, ToolCallStream, Warn
+from hybrid.generation.sampling import SamplingParams
+from hybrid.generation.tools import ARGUMENT_BEGIN, CALL_BEGIN, SECTION_BEGIN, Text, ToolCall, ToolCallStream, Warn
 
 RATE_WINDOW_S = 60.0
 DISCONNECT_POLL_S = 0.5  # how often a waiting request asks whether its client is still there
@@ -66,7 +66,7 @@ class Counters:
 
 class Service:
     def __init__(self, runtime, name: str, max_concurrency: int = 4, max_context: int | None = None):
-        """runtime: an opened hybrid.runtime.Runtime (it needs a tokenizer and a chat template);
+        """runtime: an opened hybrid.generation.runtime.Runtime (it needs a tokenizer and a chat template);
         max_context: positions per request, at most the runtime's limit."""
         self.runtime, self.name = runtime, name
         self.model, self.tokenizer, self.template = runtime.model, runtime.tokenizer, runtime.chat_template()
@@ -282,6 +282,6 @@ def load_service(folder, plan_file=None, store=None, name=None, max_concurrency:
     """A Service on the checkpoint at `folder` (K2's packaged template when it ships none)."""
     from pathlib import Path
 
-    from hybrid.runtime import open_runtime
+    from hybrid.generation.runtime import open_runtime
 
     return Service(open_runtime(folder, plan_file, store, needs_chat=True), name or Path(folder).name, max_concurrency, max_context)

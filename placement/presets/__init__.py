@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-from hybrid.config import ModelConfig, load_config
+from hybrid.read.config import ModelConfig, load_config
 
 HERE = Path(__file__).parent
 ALIASES = {"kimi-k2": "kimi-k2-instruct-0905", "kimi-k2-0905": "kimi-k2-instruct-0905",

@@ -34,7 +34,7 @@ content fingerprint that tells apart two releases with equal shard sizes (K2-Ins
 without reading a terabyte. The checkpoint may move: its path is recorded, not compared. Non-expert tensors
 (attention, norms, router, shared expert, embeddings) are not copied; the runtime reads them from the checkpoint.
 
-hybrid/convert.py writes stores (and resumes them); the runtime opens them with `open_store_layers`.
+hybrid/read/convert.py writes stores (and resumes them); the runtime opens them with `open_store_layers`.
 """
 
 import hashlib
@@ -44,7 +44,7 @@ from pathlib import Path
 
 from cpu_kernels.formats import Format
 from cpu_kernels.store import MANIFEST as LAYER_MANIFEST
-from hybrid.checkpoint import Checkpoint
+from hybrid.read.checkpoint import Checkpoint
 from hybrid.errors import CheckpointError
 
 STORE_MANIFEST = "hybrid_store.json"

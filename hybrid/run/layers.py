@@ -8,10 +8,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hybrid import fp8
-from hybrid.config import ModelConfig
-from hybrid.rope import apply_rope
-from hybrid.timing import NULL_RECORDER
+from hybrid.read import fp8
+from hybrid.read.config import ModelConfig
+from hybrid.run.rope import apply_rope
+from hybrid.run.timing import NULL_RECORDER
 
 
 class Fp8Linear(nn.Module):

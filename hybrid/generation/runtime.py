@@ -20,14 +20,14 @@ from pathlib import Path
 
 import torch
 
-from hybrid.chat_template import ChatTemplate, chat_template_for
-from hybrid.checkpoint import Checkpoint
+from hybrid.generation.chat_template import ChatTemplate, chat_template_for
+from hybrid.read.checkpoint import Checkpoint
 from hybrid.errors import ConfigError, GenerationError
-from hybrid.generate import DEFAULT_PREFILL_CHUNK, new_cache
-from hybrid.kv_cache import MLACache
-from hybrid.loader import cache_device, load_model
-from hybrid.sampling import SamplingParams
-from hybrid.tokenizer import Tokenizer
+from hybrid.generation.generate import DEFAULT_PREFILL_CHUNK, new_cache
+from hybrid.run.kv_cache import MLACache
+from hybrid.run.loader import cache_device, load_model
+from hybrid.generation.sampling import SamplingParams
+from hybrid.generation.tokenizer import Tokenizer
 
 NO_PLAN_CONTEXT = 16384
 K2_DEFAULT_TEMPERATURE = 0.6  # Moonshot's recommendation for Kimi-K2-Instruct

@@ -4,7 +4,7 @@ first use into the user's cache folder ($XDG_CACHE_HOME/hybrid/demo-k2, else ~/.
 Its weights are random, so it talks noise. Two touches make the noise pleasant to watch: its output layer is
 narrowed to printable ASCII, newline and <|im_end|> (rows of other tokens zeroed, the kept ones scaled up so
 their logits dominate), so it writes readable characters and ends replies by itself; and it carries K2's
-chat template (hybrid/templates/kimi_k2.jinja), so a turn is rendered exactly as for the real model.
+chat template (hybrid/generation/templates/kimi_k2.jinja), so a turn is rendered exactly as for the real model.
 """
 
 import json
@@ -16,9 +16,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from hybrid.chat_template import K2_TEMPLATE
+from hybrid.generation.chat_template import K2_TEMPLATE
 from hybrid.errors import ConfigError
-from hybrid.tiny import N_BYTE_RANKS, TinySpec, make_tiny
+from hybrid.read.tiny import N_BYTE_RANKS, TinySpec, make_tiny
 
 DEMO_SPEC = TinySpec(layers=2, dense_layers=1, experts=8, top_k=2, max_position_embeddings=8192, seed=7)
 DEMO_VERSION = 1  # bump when what ensure_demo_model writes changes, so old caches are rebuilt

@@ -23,8 +23,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from hybrid import fp8, names
-from hybrid.config import parse_config
+from hybrid.read import fp8, names
+from hybrid.read.config import parse_config
 from hybrid.errors import ConfigError
 
 # K2's named special tokens, by offset after the last BPE rank (163584 in K2).

@@ -7,7 +7,7 @@ block-FP8 checkpoint stores as float8_e4m3fn + `<name>_scale_inv`.
 
 import re
 
-from hybrid.config import ModelConfig
+from hybrid.read.config import ModelConfig
 
 SCALE_SUFFIX = "_scale_inv"
 EXPERT_PROJS = ("gate_proj", "up_proj", "down_proj")

@@ -19,9 +19,9 @@ from dataclasses import dataclass, field
 import torch
 
 from hybrid.errors import EngineError, GenerationError
-from hybrid.generate import check_prompt, decode_step, make_step, new_cache, prefill
-from hybrid.sampling import SamplingParams, sample
-from hybrid.streaming import TextStream
+from hybrid.generation.generate import check_prompt, decode_step, make_step, new_cache, prefill
+from hybrid.generation.sampling import SamplingParams, sample
+from hybrid.generation.streaming import TextStream
 
 
 @dataclass

@@ -7,9 +7,9 @@ from dataclasses import dataclass, field
 import torch
 
 from hybrid.errors import GenerationError
-from hybrid.kv_cache import MLACache
-from hybrid.sampling import SamplingParams, sample
-from hybrid.streaming import TextStream
+from hybrid.run.kv_cache import MLACache
+from hybrid.generation.sampling import SamplingParams, sample
+from hybrid.generation.streaming import TextStream
 
 DEFAULT_PREFILL_CHUNK = 256  # tokens per prefill forward: bounds the [chunk x context] attention scores
 
@@ -39,7 +39,7 @@ def device_of(model) -> torch.device:
 def new_cache(model, n_positions: int, batch: int = 1, device: torch.device | None = None) -> MLACache:
     """A cache for n_positions on `device` (a plan's cache_device; default: where the model's attention
     weights are), in the activations' dtype. The model's own limit is checked here; a plan's context limit is
-    the Runtime's (hybrid.runtime.Runtime.new_cache)."""
+    the Runtime's (hybrid.generation.runtime.Runtime.new_cache)."""
     cfg = model.config
     if n_positions > cfg.max_position_embeddings:
         raise GenerationError(f"context overflow: {n_positions} positions requested, the limit is "

@@ -13,12 +13,12 @@ The router's weight and correction bias stay float32 whatever the dtype, as the 
 import torch
 from torch import nn
 
-from hybrid import names
-from hybrid.checkpoint import Checkpoint
+from hybrid.read import names
+from hybrid.read.checkpoint import Checkpoint
 from hybrid.errors import CheckpointError, PlanError
-from hybrid.experts import HybridExperts
-from hybrid.layers import MLP, Fp8Linear, MoE
-from hybrid.model import DeepseekV3ForCausalLM
+from hybrid.run.experts import HybridExperts
+from hybrid.run.layers import MLP, Fp8Linear, MoE
+from hybrid.run.model import DeepseekV3ForCausalLM
 from placement.hardware import gpu_index
 from placement.plan import ATTENTION_TENSOR
 
@@ -137,7 +137,7 @@ def _quantized_layer(ckpt, layer, fmt):
     """One layer's experts quantized into an in-memory expert store, one expert at a time (memory: the store
     itself, never the layer in float): the no-conversion path, through the converter's quantize_layer."""
     from cpu_kernels.store import MemoryLayerWriter
-    from hybrid.convert import quantize_layer
+    from hybrid.read.convert import quantize_layer
 
     cfg = ckpt.config
     writer = MemoryLayerWriter(fmt, cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size)
@@ -145,6 +145,6 @@ def _quantized_layer(ckpt, layer, fmt):
 
 
 def _store_layers(store, ckpt) -> dict:
-    from hybrid.expert_store import open_store_layers
+    from hybrid.read.expert_store import open_store_layers
 
     return open_store_layers(store, ckpt)  # refuses a store converted from another checkpoint

@@ -13,7 +13,7 @@ import math
 
 import torch
 
-from hybrid.config import ModelConfig, yarn_mscale
+from hybrid.read.config import ModelConfig, yarn_mscale
 
 
 def inv_freq(cfg: ModelConfig) -> torch.Tensor:

@@ -12,7 +12,7 @@ any extra keyword. The model's default system prompt is the template's business:
 ("You are Kimi, an AI assistant created by Moonshot AI." in 0905, "You are a helpful assistant" in 0711)
 whenever the first message is not a system message.
 
-`hybrid/templates/kimi_k2.jinja` is K2-Instruct-0905's template for checkpoints that ship none (the demo model);
+`hybrid/generation/templates/kimi_k2.jinja` is K2-Instruct-0905's template for checkpoints that ship none (the demo model);
 templates/SOURCES.md says where its text comes from.
 
 `ChatTemplate.encode` gives the prompt's token ids, and only the template's own text can make control tokens
@@ -36,7 +36,7 @@ from jinja2.ext import Extension, loopcontrols
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from hybrid.errors import ConfigError, GenerationError
-from hybrid.tokenizer import read_tokenizer_config, special_tokens_map
+from hybrid.generation.tokenizer import read_tokenizer_config, special_tokens_map
 
 PACKAGED = Path(__file__).resolve().parent / "templates"
 K2_TEMPLATE = PACKAGED / "kimi_k2.jinja"

@@ -18,8 +18,8 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from hybrid import fp8, names
-from hybrid.config import ModelConfig, load_config
+from hybrid.read import fp8, names
+from hybrid.read.config import ModelConfig, load_config
 from hybrid.errors import CheckpointError
 
 INDEX_FILE = "model.safetensors.index.json"

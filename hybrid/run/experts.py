@@ -10,9 +10,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from hybrid.timing import NULL_RECORDER
+from hybrid.run.timing import NULL_RECORDER
 
-from hybrid.layers import MLP
+from hybrid.run.layers import MLP
 
 
 class TorchExperts(nn.ModuleList):

@@ -10,7 +10,7 @@ times decode together (continuous batching): a forward names the slots its rows 
 
 import torch
 
-from hybrid.config import ModelConfig
+from hybrid.read.config import ModelConfig
 from hybrid.errors import GenerationError
 
 

@@ -17,9 +17,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from hybrid.generate import decode_step, new_cache, prefill_rows
-from hybrid.sampling import SamplingParams, sample
-from hybrid.timing import NULL_RECORDER, CudaClock, TimelineRecorder, WallClock
+from hybrid.generation.generate import decode_step, new_cache, prefill_rows
+from hybrid.generation.sampling import SamplingParams, sample
+from hybrid.run.timing import NULL_RECORDER, CudaClock, TimelineRecorder, WallClock
 
 COMPONENTS = ("embedding", "attention", "router", "shared_expert", "routed_submit", "routed_wait", "transfers",
               "dense_mlp", "lm_head", "sampling", "other")

@@ -5,7 +5,7 @@ does not already hold: the longest common prefix of the cached tokens and the ne
 computed. So a reply costs its new tokens, not the history; a changed system prompt or a re-tokenised reply
 costs the tokens from the first difference on.
 
-The session yields a reply as events (hybrid.tools: Text, ToolCall, Warn) while it streams, and appends the
+The session yields a reply as events (hybrid.generation.tools: Text, ToolCall, Warn) while it streams, and appends the
 assistant message (OpenAI form: content and tool_calls) when the reply ends, whether it finished, hit a limit
 or was cancelled between two tokens. Library code: no printing, no terminal.
 """
@@ -16,8 +16,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from hybrid.errors import GenerationError
-from hybrid.generate import Stats, generate
-from hybrid.tools import ToolCall, ToolCallStream, collect, load_tools
+from hybrid.generation.generate import Stats, generate
+from hybrid.generation.tools import ToolCall, ToolCallStream, collect, load_tools
 
 
 @dataclass
@@ -34,7 +34,7 @@ class Turn:
 
 class ChatSession:
     def __init__(self, runtime, params, tools=None, system=None, context: int | None = None):
-        """runtime: an opened hybrid.runtime.Runtime; params: SamplingParams (max_new_tokens per reply);
+        """runtime: an opened hybrid.generation.runtime.Runtime; params: SamplingParams (max_new_tokens per reply);
         context: cache positions (default and limit: the runtime's context limit)."""
         self.runtime, self.model, self.tokenizer = runtime, runtime.model, runtime.tokenizer
         self.template = runtime.chat_template()

@@ -5,7 +5,7 @@
 
 Dimension legend: E routed experts, H hidden (7168 in K2), I expert width (2048), L layers.
 
-The store folder (layout, hybrid_store.json, how the runtime opens and verifies it) is hybrid/expert_store.py's.
+The store folder (layout, hybrid_store.json, how the runtime opens and verifies it) is hybrid/read/expert_store.py's.
 `quantize_layer` is the one checkpoint-to-store quantize path: `convert` gives it a cpu_kernels LayerStoreWriter
 (a layer store on disk), the loader a MemoryLayerWriter when a plan runs experts on the CPU without a store.
 
@@ -39,10 +39,10 @@ import torch
 from cpu_kernels.floats import FP8_BLOCK, dequantize_fp8, f32_to_bf16
 from cpu_kernels.formats import Format, check_matrix, parse_format
 from cpu_kernels.store import LayerStoreWriter
-from hybrid import names
-from hybrid.checkpoint import Checkpoint
+from hybrid.read import names
+from hybrid.read.checkpoint import Checkpoint
 from hybrid.errors import ConfigError
-from hybrid.expert_store import (
+from hybrid.read.expert_store import (
     STORE_MANIFEST,
     TMP_MANIFEST,
     checksums,

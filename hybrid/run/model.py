@@ -1,17 +1,17 @@
 """DeepseekV3ForCausalLM: one model for Kimi-K2, DeepSeek-V3/R1 and Moonlight; their differences are config.
 
 Module and parameter names equal the checkpoint's tensor names, so the loader copies tensors by name.
-Build it on the meta device and let `hybrid.loader` materialise each tensor where it belongs.
+Build it on the meta device and let `hybrid.run.loader` materialise each tensor where it belongs.
 """
 
 import torch
 from torch import nn
 
-from hybrid.config import ModelConfig
-from hybrid.experts import TorchExperts
-from hybrid.layers import MLP, Attention, Deferred, MoE, RMSNorm
-from hybrid.rope import Rope
-from hybrid.timing import NULL_RECORDER
+from hybrid.read.config import ModelConfig
+from hybrid.run.experts import TorchExperts
+from hybrid.run.layers import MLP, Attention, Deferred, MoE, RMSNorm
+from hybrid.run.rope import Rope
+from hybrid.run.timing import NULL_RECORDER
 
 
 class DecoderLayer(nn.Module):
@@ -58,7 +58,7 @@ class DeepseekV3ForCausalLM(nn.Module):
         self.deferred = None
 
     def set_recorder(self, rec):
-        """Hand one timing recorder (hybrid.timing) to every module that marks sections; NULL_RECORDER: off."""
+        """Hand one timing recorder (hybrid.run.timing) to every module that marks sections; NULL_RECORDER: off."""
         for module in self.modules():
             if hasattr(type(module), "rec"):
                 module.rec = rec

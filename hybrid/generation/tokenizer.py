@@ -9,8 +9,8 @@ DeepSeek-V3/R1 (`tokenizer.json`): byte-level BPE run by the `tokenizers` packag
 (<｜begin▁of▁sentence｜>, <｜User｜>, ...) are the special tokens.
 
 Both give the same interface: `encode`, `encode_marked` (a rendered prompt whose untrusted text stands behind
-placeholders, see hybrid.chat_template), `decode`, `token_bytes` (the raw bytes of one token, so streamed text
-never splits a UTF-8 character, see hybrid.streaming), `token_id` (a special token's id) and
+placeholders, see hybrid.generation.chat_template), `decode`, `token_bytes` (the raw bytes of one token, so streamed text
+never splits a UTF-8 character, see hybrid.generation.streaming), `token_id` (a special token's id) and
 `special_tokens_map` (bos/eos/unk/pad strings from tokenizer_config.json, which chat templates read).
 """
 
