@@ -14,7 +14,6 @@ What a Runtime decides, each in one place:
 - the attention device, where caches are built.
 """
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,6 +21,7 @@ import torch
 
 from hybrid.generation.chat_template import ChatTemplate, chat_template_for
 from hybrid.read.checkpoint import Checkpoint
+from hybrid.read.config import read_json_object
 from hybrid.errors import ConfigError, GenerationError
 from hybrid.generation.generate import DEFAULT_PREFILL_CHUNK, new_cache
 from hybrid.run.kv_cache import MLACache
@@ -105,16 +105,7 @@ def open_runtime(folder, plan=None, store=None, progress=None, needs_chat: bool 
 
 def read_generation_config(folder) -> dict:
     """generation_config.json as a dict ({} when the checkpoint has none)."""
-    path = Path(folder) / "generation_config.json"
-    if not path.is_file():
-        return {}
-    try:
-        raw = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: must hold a JSON object")
-    return raw
+    return read_json_object(Path(folder) / "generation_config.json", missing_ok=True)
 
 
 def default_sampling(generation: dict, model_type: str) -> dict:

@@ -23,6 +23,7 @@ from pathlib import Path
 import tiktoken
 
 from hybrid.errors import ConfigError
+from hybrid.read.config import read_json_object
 
 N_SPECIAL_SLOTS = 256
 K2_PATTERN = "|".join([
@@ -218,16 +219,7 @@ def read_ranks(path: Path) -> dict[bytes, int]:
 
 
 def read_tokenizer_config(folder: Path) -> dict:
-    path = Path(folder) / "tokenizer_config.json"
-    if not path.is_file():
-        return {}
-    try:
-        cfg = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(cfg, dict):
-        raise ConfigError(f"{path}: must hold a JSON object")
-    return cfg
+    return read_json_object(Path(folder) / "tokenizer_config.json", missing_ok=True)
 
 
 def special_tokens(cfg: dict, path: Path, n_ranks: int) -> dict[str, int]:

@@ -101,6 +101,23 @@ def yarn_mscale(scale: float, mscale: float) -> float:
     return 0.1 * mscale * math.log(scale) + 1.0
 
 
+def read_json_object(path, missing_ok: bool = False) -> dict:
+    """A checkpoint's JSON file (config.json, generation_config.json, tokenizer_config.json) as a dict; {} for
+    a missing file when missing_ok; else one ConfigError naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        if missing_ok:
+            return {}
+        raise ConfigError(f"{path}: not found")
+    try:
+        raw = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a JSON object at the top level")
+    return raw
+
+
 def load_config(path) -> ModelConfig:
     """Read `path` (config.json, or a folder holding one) into a validated ModelConfig."""
     path = Path(path)
@@ -108,13 +125,7 @@ def load_config(path) -> ModelConfig:
         path = path / "config.json"
     if not path.is_file():
         raise ConfigError(f"{path}: config.json not found")
-    try:
-        raw = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ConfigError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: expected a JSON object at the top level")
-    return parse_config(raw, str(path))
+    return parse_config(read_json_object(path), str(path))
 
 
 def parse_config(raw: dict, source: str = "config.json") -> ModelConfig:
