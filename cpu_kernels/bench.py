@@ -316,7 +316,12 @@ def parse_args(argv=None):
 
 
 def main(argv=None) -> dict:
-    args = parse_args(argv)
+    return run(parse_args(argv))
+
+
+def run(args) -> dict:
+    """The benchmark for parsed options (parse_args' names: threads, formats, experts, quick, no_torch,
+    kt_python, json, markdown); `hybrid bench` fills them from its click options."""
     n_experts = 16 if args.quick else args.experts
     prefill_tokens = PREFILL_TOKENS[:2] if args.quick else PREFILL_TOKENS
     thread_counts = sorted({1, args.threads})

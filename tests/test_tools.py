@@ -163,3 +163,7 @@ def test_load_tools(tmp_path):
     f.write_text("{not json")
     with pytest.raises(ConfigError, match="tools.json"):
         load_tools(f)
+    for entry in ({"type": "retrieval", "name": "r"}, {"function": {"name": "f"}}):
+        f.write_text(json.dumps([entry]))
+        with pytest.raises(ConfigError, match="tool 0 has type"):
+            load_tools(f)

@@ -30,6 +30,7 @@ from hybrid.generation.sampling import SamplingParams
 from hybrid.generation.tokenizer import Tokenizer
 
 NO_PLAN_CONTEXT = 16384
+AUTO = "auto"  # open_runtime's plan: plan for this machine now
 K2_DEFAULT_TEMPERATURE = 0.6  # Moonshot's recommendation for Kimi-K2-Instruct
 
 
@@ -78,13 +79,16 @@ class Runtime:
 
 
 def open_runtime(folder, plan=None, store=None, progress=None, needs_chat: bool = False) -> Runtime:
-    """Open the checkpoint at `folder` and load it as `plan` says (a Plan, a plan file path, or None for the
-    plain torch model); `store`: a converted expert store. Every file is read and checked before any weight
-    is loaded, the tokenizer and chat template too when `needs_chat` (chat, serve). progress(done, total)
-    follows the load."""
+    """Open the checkpoint at `folder` and load it as `plan` says: a Plan, a plan file path, AUTO (plan for
+    this machine now, in the store's format when a store is given: what the front ends do without --plan),
+    or None (the plain fp32 torch reference model). `store`: a converted expert store. Every file is read and
+    checked before any weight is loaded, the tokenizer and chat template too when `needs_chat` (chat, serve).
+    progress(done, total) follows the load."""
     ckpt = folder if isinstance(folder, Checkpoint) else Checkpoint.open(folder)
     folder = Path(ckpt.folder)
-    if plan is not None and not hasattr(plan, "settings"):
+    if plan == AUTO:
+        plan = plan_for_this_machine(ckpt, store).plan
+    elif plan is not None and not hasattr(plan, "settings"):
         from placement.plan_file import load_checked_plan
 
         plan = load_checked_plan(plan, ckpt.config)
@@ -101,6 +105,29 @@ def open_runtime(folder, plan=None, store=None, progress=None, needs_chat: bool 
         max_context, chunk = min(cfg.max_position_embeddings, NO_PLAN_CONTEXT), DEFAULT_PREFILL_CHUNK
     return Runtime(folder, model, plan, tokenizer, template, default_sampling(generation, cfg.model_type),
                    frozenset(stop_ids(generation, cfg, tokenizer)), max_context, chunk)
+
+
+def plan_for_this_machine(ckpt: Checkpoint, store=None):
+    """The planner's PlanResult for this machine as detected (placement.resolve), with the expert format of
+    `store` when one is given (its experts are already quantized). Raises PlanError when nothing fits."""
+    from placement.planner import PlanRequest, make_plan
+    from placement.resolve import resolve_hardware
+
+    request = PlanRequest()
+    if store is not None:
+        from hybrid.read.expert_store import read_store_manifest
+
+        manifest = read_store_manifest(store)
+        request = PlanRequest(expert_format=manifest["format"])
+    return make_plan(ckpt.config, str(ckpt.folder), resolve_hardware(), request)
+
+
+def plan_summary(plan) -> str:
+    """One line for a front end to show what a plan does."""
+    s = plan.settings
+    devices = sorted({r.device for r in plan.rules if r.kernel != "cpu_moe"})
+    return (f"routed experts {s.expert_format} on {s.cpu_threads} CPU threads, the rest on {', '.join(devices)}; "
+            f"context {s.context_length}, cache on {plan.cache_device}")
 
 
 def read_generation_config(folder) -> dict:

@@ -190,6 +190,9 @@ def load_tools(path) -> list[dict]:
         raise ConfigError(f"{path}: expected a JSON list of tool declarations")
     tools = []
     for i, tool in enumerate(raw):
+        if isinstance(tool, dict) and ("type" in tool or "function" in tool) and tool.get("type") != "function":
+            raise ConfigError(f"{path}: tool {i} has type {tool.get('type')!r}; declarations in OpenAI form are "
+                              "{\"type\": \"function\", \"function\": {...}} (or a bare {\"name\": ...})")
         fn = tool.get("function") if isinstance(tool, dict) and tool.get("type") == "function" else tool
         if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or not fn["name"]:
             raise ConfigError(f"{path}: tool {i} needs a \"name\" (OpenAI form: "

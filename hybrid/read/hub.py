@@ -1,0 +1,58 @@
+"""Where a model comes from: a checkpoint folder, or a Hugging Face id (`moonshotai/Kimi-K2-Instruct-0905`),
+which is what people type.
+
+A hub id resolves through huggingface_hub: the local Hugging Face cache first (`HF_HOME`, as every HF tool
+shares it), then a download of only the files a run reads (config, safetensors shards and their index,
+tokenizer, chat template, generation config: not README images or remote code), with huggingface_hub's
+progress bars. Offline and not cached, or an id that does not exist: one line saying which and what to do.
+`org/name:QUANT` names a quant of a GGUF repository, which this version cannot run yet.
+"""
+
+import re
+from pathlib import Path
+
+from hybrid.errors import CheckpointError
+
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*(:[\w.-]+)?$")
+NEEDED_FILES = ["*.json", "*.safetensors", "tiktoken.model", "*.jinja", "tokenizer.model"]
+
+
+def resolve_model(ref: str) -> Path:
+    """The checkpoint folder `ref` names: an existing folder as it is, else a hub id through the cache or a
+    download. CheckpointError (one line) for a file, a GGUF, or anything that cannot be found."""
+    path = Path(ref).expanduser()
+    if path.is_dir():
+        return path
+    if path.is_file():
+        if path.suffix == ".gguf":
+            raise CheckpointError(f"{ref}: GGUF files cannot be run by this version yet; give a safetensors "
+                                  "checkpoint folder (a Hugging Face download of the model)")
+        raise CheckpointError(f"{ref}: is a file; give the checkpoint folder that holds config.json")
+    if not HUB_ID.match(ref) or ref.startswith((".", "/", "~")):
+        raise CheckpointError(f"{ref}: no such folder, and not a Hugging Face id (org/name)")
+    repo, _, quant = ref.partition(":")
+    if quant:
+        raise CheckpointError(f"{ref}: a GGUF quant ({quant}) of {repo}; GGUF files cannot be run by this "
+                              "version yet")
+    return _from_hub(repo)
+
+
+def _from_hub(repo: str) -> Path:
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
+
+    try:
+        return Path(snapshot_download(repo, allow_patterns=NEEDED_FILES, local_files_only=True))
+    except LocalEntryNotFoundError:
+        pass  # not cached: download it
+    try:
+        return Path(snapshot_download(repo, allow_patterns=NEEDED_FILES))
+    except RepositoryNotFoundError:
+        raise CheckpointError(f"{repo}: no such model on the Hugging Face hub (or it is private: "
+                              "`hf auth login` first)") from None
+    except LocalEntryNotFoundError:
+        raise CheckpointError(f"{repo}: not in the Hugging Face cache, and this machine is offline "
+                              "(HF_HUB_OFFLINE or no network); download it where there is a network, or give "
+                              "its folder") from None
+    except (HfHubHTTPError, OSError) as e:
+        raise CheckpointError(f"{repo}: download failed ({type(e).__name__}: {str(e).splitlines()[0]})") from None
