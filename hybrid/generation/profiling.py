@@ -3,7 +3,8 @@
 Dimension legend: B batch (sequences decoded together), T prompt tokens, K top-k, E experts.
 
 `profile_run` returns, for one prompt length and batch: time to first token, prompt tokens/s, decode
-tokens/s (median and spread over repeats), and per decoded token the seconds of each component
+tokens/s (median, and min and max over repeats), a decode step's seconds (fastest and slowest repeat), and per
+decoded token the seconds of each component
 (embedding, attention, router, shared_expert, routed_submit, routed_wait (the main thread waiting for the CPU
 experts), transfers (host <-> device copies), dense_mlp, lm_head, sampling, other = Python between sections),
 per layer as well. The components add up to the timeline; `coverage` compares that sum with a wall clock
@@ -105,13 +106,18 @@ def one_repeat(model, ids: torch.Tensor, n_gen: int, counter: RoutingCounter | N
 
 
 def profile_run(model, prompt_len: int, n_gen: int, batch: int = 1, repeat: int = 3,
-                counter: RoutingCounter | None = None, expert_bytes: int = 0, chunk: int | None = None) -> dict:
+                counter: RoutingCounter | None = None, expert_bytes: int = 0, chunk: int | None = None,
+                step=None) -> dict:
     """Warm-up once, then `repeat` measured runs (prefill `chunk` tokens per forward: the runtime's);
-    see the module docstring for what comes back."""
+    see the module docstring for what comes back. step(k, what) is called before each: k = 0 for the
+    warm-up, then 1..repeat."""
+    step = step or (lambda k, what: None)
     ids = prompt_ids(model.config.vocab_size, batch, prompt_len)
+    step(0, "warm-up")
     one_repeat(model, ids, min(n_gen, 2), None, chunk)  # warm-up: kernels compiled, caches touched
     runs = []
-    for _ in range(repeat):
+    for i in range(repeat):
+        step(i + 1, f"repeat {i + 1}/{repeat}")
         prefill_s, wall, timeline, rec, busy = one_repeat(model, ids, n_gen, counter, chunk)
         streamed = 0
         if counter is not None:  # the decode steps' distinct experts (prefill hooks ran before reset)
@@ -127,7 +133,8 @@ def profile_run(model, prompt_len: int, n_gen: int, batch: int = 1, repeat: int 
         "ttft_s": statistics.median(r[0] for r in runs),
         "prompt_tps": statistics.median(prompt), "prompt_tps_spread": max(prompt) - min(prompt),
         "decode_tps": statistics.median(decode), "decode_tps_spread": max(decode) - min(decode),
-        "token_s": wall / n_gen,
+        "decode_tps_min": min(decode), "decode_tps_max": max(decode),
+        "token_s": wall / n_gen, "token_s_max": max(r[1] for r in runs) / n_gen,  # token_s: the fastest repeat
         "components_s": {c: per_token.get(c, 0.0) for c in COMPONENTS},
         "per_layer_s": {str(k): {c: v / n_gen for c, v in d.items()} for k, d in rec.by_layer().items()},
         "coverage": timeline / wall,
