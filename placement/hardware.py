@@ -25,6 +25,7 @@ hardware YAML keys (all optional but gpu/ram when not detected):
   cpu_torch_efficiency: 0.4    # share of it CPU torch reaches on bf16 projections (no-GPU plans)
 """
 
+import math
 import os
 import re
 from dataclasses import dataclass, field, replace
@@ -71,6 +72,14 @@ def gpu_index(device: str) -> int | None:
     return int(m[1]) if m else None
 
 
+def device_here(device: str, n_gpus: int) -> str:
+    """Where a plan device runs on a machine with `n_gpus` GPUs: the GPU itself when the machine has it, else
+    the CPU. Plan files are shared and written for other machines, so a GPU this one lacks is not an error:
+    `hybrid plan --check` and the loader both apply this rule, and the check says so in one note."""
+    index = gpu_index(device)
+    return device if index is None or index < n_gpus else "cpu"
+
+
 @dataclass(frozen=True)
 class Hardware:
     ram_gib: float
@@ -106,15 +115,34 @@ class Hardware:
         return self.cores * ASSUMED_GHZ * 1e9 * per_cycle * COMPUTE_EFFICIENCY
 
 
-def parse_size_gib(text, what: str) -> float:
-    """'768GB', '512 GiB', '24G', 1.5 (GiB) -> GiB."""
+# Hardware values a flag or a hardware YAML may give, and what each must be: a whole number (cores, nodes), or a
+# finite number above 0, or one that may also be 0 (0 GiB available; cpu_gflops 0: derive it from the cores).
+WHOLE_KEYS = {"cores", "numa_nodes"}
+MAY_BE_ZERO = {"ram_available_gib", "cpu_gflops", "layer_overhead_us"}
+
+
+def checked_number(what: str, key: str, value):
+    """`value` for the Hardware field or GPU key `key`, refused in one line naming `what` (a flag, or a file and
+    its key) when it is not a number the planner can divide by: the one rule for flags and hardware YAML."""
+    whole = key in WHOLE_KEYS
+    number = isinstance(value, int) if whole else isinstance(value, (int, float))
+    if isinstance(value, bool) or not number or not math.isfinite(value) or value < 0 or (
+            value == 0 and key not in MAY_BE_ZERO):
+        kind = "a whole number, 1 or more" if whole else (
+            "a number, 0 or more" if key in MAY_BE_ZERO else "a number above 0")
+        raise PlanError(f"{what} must be {kind}, got {value!r}")
+    return value
+
+
+def parse_size_gib(text, what: str, key: str = "ram_gib") -> float:
+    """'768GB', '512 GiB', '24G', 1.5 (GiB) -> GiB, as checked_number allows for `key`."""
     if isinstance(text, (int, float)) and not isinstance(text, bool):
-        return float(text)
-    m = re.fullmatch(r"\s*([\d.]+)\s*(t|tb|tib|g|gb|gib|m|mb|mib)?\s*", str(text).lower())
+        return float(checked_number(what, key, text))
+    m = re.fullmatch(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*(t|tb|tib|g|gb|gib|m|mb|mib)?\s*", str(text).lower())
     if not m:
         raise PlanError(f"{what}: {text!r} is not a size like 768GB or 24GiB")
     scale = {"t": 1024, "tb": 1024, "tib": 1024, "m": 1 / 1024, "mb": 1 / 1024, "mib": 1 / 1024}.get(m[2] or "g", 1)
-    return float(m[1]) * scale
+    return checked_number(what, key, float(m[1]) * scale)
 
 
 def gpu_from_name(name: str, memory_gib: float | None = None) -> GPU:
@@ -140,7 +168,7 @@ def _match_gpu(name: str):
 def memory_bandwidth(spec: str) -> float:
     """'DDR5-4800x8' -> achievable GB/s (MT/s x 8 bytes x channels x MEMORY_EFFICIENCY)."""
     m = re.fullmatch(r"\s*(DDR\d-\d+)\s*[xX*]\s*(\d+)\s*", spec)
-    if not m or m[1].upper() not in MEMORY_MTS:
+    if not m or m[1].upper() not in MEMORY_MTS or int(m[2]) == 0:
         raise PlanError(f"memory {spec!r}: expected TYPE-SPEEDxCHANNELS with TYPE-SPEED one of "
                         f"{', '.join(MEMORY_MTS)}, e.g. DDR5-4800x8")
     return MEMORY_MTS[m[1].upper()] * 8 * int(m[2]) * MEMORY_EFFICIENCY / 1000
@@ -148,8 +176,14 @@ def memory_bandwidth(spec: str) -> float:
 
 def describe(gpu=None, gpu_memory=None, ram=None, memory=None, ram_bandwidth=None, cores=None, numa_nodes=None,
              disk_bandwidth=None, base: Hardware | None = None, source="flags") -> Hardware:
-    """A Hardware from flag values, each overriding `base` (detected hardware) when given."""
-    hw = base or Hardware(ram_gib=0.0, ram_available_gib=0.0, cores=os.cpu_count() or 1, source=source)
+    """A Hardware from flag values, each overriding `base` (detected hardware) when given; a value no machine
+    has (0 cores, negative bandwidth) is one PlanError naming its flag."""
+    for flag, key, value in (("--gpu-memory", "memory_gib", gpu_memory), ("--ram-bandwidth", "ram_bandwidth_gbps",
+                             ram_bandwidth), ("--cores", "cores", cores), ("--numa-nodes", "numa_nodes", numa_nodes),
+                             ("--disk-bandwidth", "disk_read_gbps", disk_bandwidth)):
+        if value is not None:
+            checked_number(flag, key, value)
+    hw = base or Hardware(ram_gib=0.0, ram_available_gib=0.0, cores=_physical_cores(), source=source)
     changes = {"source": source if base is None else f"{base.source} + {source}"}
     if gpu is not None:
         changes["gpus"] = () if str(gpu).lower() in ("none", "no", "0") else (gpu_from_name(gpu, gpu_memory),)
@@ -163,9 +197,9 @@ def describe(gpu=None, gpu_memory=None, ram=None, memory=None, ram_bandwidth=Non
     if ram_bandwidth is not None:
         changes["ram_bandwidth_gbps"] = float(ram_bandwidth)
     if cores is not None:
-        changes["cores"] = int(cores)
+        changes["cores"] = cores
     if numa_nodes is not None:
-        changes["numa_nodes"] = int(numa_nodes)
+        changes["numa_nodes"] = numa_nodes
     if disk_bandwidth is not None:
         changes["disk_read_gbps"] = float(disk_bandwidth)
     hw = replace(hw, **changes)
@@ -196,32 +230,34 @@ def load_hardware(path) -> Hardware:
         raise PlanError(f"{path}: bad value ({e})") from None
 
 
-def _gpu_from_yaml(gpu) -> GPU | None:
+def _gpu_from_yaml(gpu, source: str) -> GPU | None:
     if isinstance(gpu, dict):
-        return GPU(str(gpu["name"]), float(gpu["memory_gib"]), float(gpu["bandwidth_gbps"]),
-                   float(gpu["bf16_tflops"]), float(gpu.get("pcie_gbps", 24.0)))
+        numbers = {k: checked_number(f"{source}: gpu {k}", k, gpu[k] if k != "pcie_gbps" else gpu.get(k, 24.0))
+                   for k in ("memory_gib", "bandwidth_gbps", "bf16_tflops", "pcie_gbps")}
+        return GPU(str(gpu["name"]), **{k: float(v) for k, v in numbers.items()})
     return None if gpu is None or str(gpu).lower() == "none" else gpu_from_name(str(gpu))
 
 
 def _hardware_from_dict(raw: dict, source: str) -> Hardware:
     listed = raw.get("gpu") if isinstance(raw.get("gpu"), list) else [raw.get("gpu")]
-    gpus = tuple(g for g in map(_gpu_from_yaml, listed) if g is not None)
+    gpus = tuple(g for g in (_gpu_from_yaml(g, source) for g in listed) if g is not None)
     if gpus and "gpu_memory_gib" in raw:
-        gpus = (replace(gpus[0], memory_gib=float(raw["gpu_memory_gib"])),) + gpus[1:]
+        memory = checked_number(f"{source}: gpu_memory_gib", "memory_gib", raw["gpu_memory_gib"])
+        gpus = (replace(gpus[0], memory_gib=float(memory)),) + gpus[1:]
     if "ram_gib" not in raw:
         raise PlanError(f"{source}: key 'ram_gib' is missing")
     ram = parse_size_gib(raw["ram_gib"], f"{source}: ram_gib")
-    bw = float(raw["ram_bandwidth_gbps"]) if "ram_bandwidth_gbps" in raw else (
+    bw = raw["ram_bandwidth_gbps"] if "ram_bandwidth_gbps" in raw else (
         memory_bandwidth(raw["memory"]) if "memory" in raw else 50.0)
-    return Hardware(
-        gpus=gpus, ram_gib=ram,
-        ram_available_gib=parse_size_gib(raw.get("ram_available_gib", max(ram - RAM_RESERVE_GIB, 0)), "ram_available_gib"),
-        cores=int(raw.get("cores", os.cpu_count() or 1)), numa_nodes=int(raw.get("numa_nodes", 1)),
-        cpu_features=tuple(raw.get("cpu_features", ("avx2",))), ram_bandwidth_gbps=bw,
-        cpu_gflops=float(raw.get("cpu_gflops", 0.0)), disk_read_gbps=float(raw.get("disk_read_gbps", 3.0)),
-        layer_overhead_us=float(raw.get("layer_overhead_us", 60.0)),
-        cpu_kernel_efficiency=float(raw.get("cpu_kernel_efficiency", 0.85)),
-        cpu_torch_efficiency=float(raw.get("cpu_torch_efficiency", 0.4)), source=source)
+    available = parse_size_gib(raw.get("ram_available_gib", max(ram - RAM_RESERVE_GIB, 0.0)),
+                               f"{source}: ram_available_gib", "ram_available_gib")
+    defaults = {"cores": _physical_cores(), "numa_nodes": 1,
+                "ram_bandwidth_gbps": bw, "cpu_gflops": 0.0, "disk_read_gbps": 3.0, "layer_overhead_us": 60.0,
+                "cpu_kernel_efficiency": 0.85, "cpu_torch_efficiency": 0.4}
+    values = {k: checked_number(f"{source}: {k}", k, raw.get(k, default)) for k, default in defaults.items()}
+    return Hardware(gpus=gpus, ram_gib=ram, ram_available_gib=available, source=source,
+                    cpu_features=tuple(raw.get("cpu_features", ("avx2",))),
+                    **{k: v if k in WHOLE_KEYS else float(v) for k, v in values.items()})
 
 
 def hardware_to_dict(hw: Hardware) -> dict:

@@ -6,7 +6,7 @@ registries: a plan file names them, it never names code. `plan_file.py` holds th
 """
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from functools import cached_property
 
 from cpu_kernels.formats import parse_format
@@ -60,11 +60,37 @@ class Settings:
 
 
 @dataclass(frozen=True)
+class Architecture:
+    """The model facts a plan's rules and settings refer to, by config.json's names: layer numbers (and which
+    are MoE), expert numbers, and the widths every size in it comes from. A plan file records them, so a
+    checkpoint is matched by what it is, not by its folder's name."""
+
+    num_hidden_layers: int
+    first_k_dense_replace: int
+    hidden_size: int
+    moe_intermediate_size: int
+    n_routed_experts: int
+
+    @classmethod
+    def of(cls, cfg: ModelConfig) -> "Architecture":
+        return cls(**{f.name: getattr(cfg, f.name) for f in fields(cls)})
+
+    def differences(self, cfg: ModelConfig) -> list[tuple[str, int, int]]:
+        """(key, this value, the config's) for every fact where `cfg` differs."""
+        return [(f.name, getattr(self, f.name), getattr(cfg, f.name)) for f in fields(self)
+                if getattr(self, f.name) != getattr(cfg, f.name)]
+
+
+@dataclass(frozen=True)
 class Plan:
     model: str
     settings: Settings
     rules: tuple[Rule, ...]
     source: str = "<plan>"
+    architecture: Architecture | None = None  # None: a plan file written before plans recorded it
+    # What checking the plan against a checkpoint and a machine found that does not stop it, one line each,
+    # for the front end to show (evaluate / load_checked_plan fill it).
+    notes: tuple[str, ...] = field(default=(), compare=False)
 
     @cached_property
     def _compiled(self):
@@ -122,6 +148,35 @@ def check_rule(rule: Rule, source: str):
     unknown = set(rule.options) - OPTIONS[rule.kernel]
     if unknown:
         raise PlanError(f"{at}: unknown option '{sorted(unknown)[0]}' for kernel {rule.kernel}")
+    threads = rule.options.get("threads", 1)
+    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+        raise PlanError(f"{at}: option threads must be a whole number, 1 or more, got {threads!r}")
+
+
+def cpu_threads(plan: Plan) -> int:
+    """The most threads any of the plan's CPU expert kernels runs (0 without cpu_moe rules)."""
+    return max((r.options.get("threads", plan.settings.cpu_threads) for r in plan.rules if r.kernel == "cpu_moe"),
+               default=0)
+
+
+def check_model(plan: Plan, cfg: ModelConfig, planned_for: Architecture | None) -> None:
+    """The plan against the checkpoint it will run: written for the same architecture (`planned_for`: the plan's
+    own record, else what its model names; None: nothing to compare), MoE layers that exist, a context the
+    model has."""
+    wrong = planned_for.differences(cfg) if planned_for is not None else []
+    if wrong:
+        planned = ", ".join(f"{key} {value}" for key, value, _ in wrong)
+        actual = ", ".join(f"{key} {value}" for key, _, value in wrong)
+        raise PlanError(f"{plan.source}: written for another model ({plan.model}: {planned}), not for "
+                        f"{cfg.source} ({actual}); make a plan for it with `hybrid plan MODEL -o FILE`")
+    s = plan.settings
+    if s.context_length > cfg.max_position_embeddings:
+        raise PlanError(f"{plan.source}: context_length {s.context_length} exceeds the model's "
+                        f"max_position_embeddings ({cfg.max_position_embeddings})")
+    stray = sorted(set(s.gpu_expert_layers) - set(cfg.moe_layers))
+    if stray:
+        raise PlanError(f"{plan.source}: gpu_expert_layers {stray} are not MoE layers of this model "
+                        f"({cfg.first_k_dense_replace} to {cfg.num_hidden_layers - 1})")
 
 
 def check_cache(plan: Plan, at: str):

@@ -2,6 +2,12 @@
 
     # hybrid placement plan
     model: kimi-k2-instruct-0905        # preset name or checkpoint folder it was planned for
+    architecture:                       # config.json's facts the rules and sizes refer to: a checkpoint that
+      num_hidden_layers: 61             # differs in any is another model, and the plan is refused for it
+      first_k_dense_replace: 1          # (the folder's name is not compared). Files without this key: the
+      hidden_size: 7168                 # preset or folder `model` names is compared, when it is here
+      moe_intermediate_size: 2048
+      n_routed_experts: 384
     settings:
       context_length: 131072            # tokens of MLA cache reserved per sequence
       batch: 1                          # sequences decoded together
@@ -36,16 +42,19 @@ asked for nothing (numa_split: false, which every plan file written before its r
 
 import os
 import tempfile
-from dataclasses import asdict, fields
+from dataclasses import asdict, fields, replace
 from pathlib import Path
 
 import yaml
 
 from hybrid.errors import PlanError
-from placement.plan import BACKINGS, Plan, Rule, Settings, check_cache, check_rule, is_device, place_all
+from placement.hardware import detect
+from placement.plan import BACKINGS, Architecture, Plan, Rule, Settings, check_cache, check_rule, is_device
+from placement.planner import evaluate
 
 RULE_KEYS = {"match", "device", "format", "kernel", "options"}
 SETTING_TYPES = {f.name: f.type for f in fields(Settings)}
+ARCHITECTURE_KEYS = tuple(f.name for f in fields(Architecture))
 # setting -> why it is gone; plan files written before still hold these keys
 # key -> (the value that asked for nothing: still accepted, so plan files written before stay valid; why)
 RETIRED_SETTINGS = {
@@ -66,7 +75,7 @@ def load_plan(path) -> Plan:
         raise PlanError(f"{where}: not valid YAML ({getattr(e, 'problem', e)})") from None
     if not isinstance(root, yaml.MappingNode):
         raise PlanError(f"{path}:1: a plan is a mapping with keys model, settings, rules")
-    top = _mapping(root, path, {"model", "settings", "rules"})
+    top = _mapping(root, path, {"model", "architecture", "settings", "rules"})
     if "rules" not in top:
         raise PlanError(f"{path}: key 'rules' is missing")
     settings = _settings(top["settings"][1], path) if "settings" in top else Settings()
@@ -75,19 +84,21 @@ def load_plan(path) -> Plan:
         raise PlanError(f"{path}:{_line(rules_node)}: 'rules' must be a non-empty list")
     rules = tuple(_rule(node, path) for node in rules_node.value)
     model = _scalar(top["model"][1], path) if "model" in top else "?"
-    plan = Plan(model=str(model), settings=settings, rules=rules, source=str(path))
+    architecture = _architecture(top["architecture"][1], path) if "architecture" in top else None
+    plan = Plan(model=str(model), settings=settings, rules=rules, source=str(path), architecture=architecture)
     if settings.cache_device is not None:
         key = next(k for k, _ in top["settings"][1].value if k.value == "cache_device")
         check_cache(plan, f"{path}:{_line(key)}")
     return plan
 
 
-def load_checked_plan(path, cfg) -> Plan:
-    """A plan file, checked against the model it will run: every tensor placed by a rule whose kernel can
-    compute it. What the runtime front ends call before any weight is read."""
+def load_checked_plan(path, cfg, hw=None) -> Plan:
+    """A plan file, checked as `hybrid plan --check` checks it (planner.evaluate) against the checkpoint's config
+    and this machine (`hw`, default: detected): written for this model, every tensor placed by a rule whose
+    kernel can compute it, within this machine's memory. What the runtime front ends call before any weight
+    is read; the returned plan's `notes` are the check's warnings, for the front end to show."""
     plan = load_plan(path)
-    place_all(plan, cfg)
-    return plan
+    return replace(plan, notes=evaluate(plan, cfg, hw or detect()).notes)
 
 
 def _line(node) -> int:
@@ -150,6 +161,20 @@ def _settings(node, path) -> Settings:
     return Settings(**values)
 
 
+def _architecture(node, path) -> Architecture:
+    raw = _mapping(node, path, ARCHITECTURE_KEYS)
+    values = {}
+    for key in ARCHITECTURE_KEYS:
+        if key not in raw:
+            raise PlanError(f"{path}:{_line(node)}: architecture is missing key '{key}'")
+        v = _value(raw[key][1])
+        least = 0 if key == "first_k_dense_replace" else 1
+        if isinstance(v, bool) or not isinstance(v, int) or v < least:
+            raise PlanError(f"{path}:{_line(raw[key][0])}: {key} must be a whole number, {least} or more, got {v!r}")
+        values[key] = v
+    return Architecture(**values)
+
+
 def _rule(node, path) -> Rule:
     raw = _mapping(node, path, RULE_KEYS)
     for key in ("match", "device", "format", "kernel"):
@@ -177,7 +202,10 @@ def dump_plan(plan: Plan, header: str = "") -> str:
         if r.options:
             d["options"] = dict(r.options)
         rules.append(d)
-    body = yaml.safe_dump({"model": plan.model, "settings": settings, "rules": rules}, sort_keys=False, width=120)
+    top = {"model": plan.model}
+    if plan.architecture is not None:
+        top["architecture"] = asdict(plan.architecture)
+    body = yaml.safe_dump(top | {"settings": settings, "rules": rules}, sort_keys=False, width=120)
     comments = "".join(f"# {line}\n" for line in header.splitlines())
     return "# hybrid placement plan: first matching rule wins; regexes over checkpoint tensor names\n" + comments + body
 

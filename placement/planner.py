@@ -11,11 +11,12 @@ import json
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from hybrid.read.config import ModelConfig
-from hybrid.errors import PlanError
-from placement import memory
-from placement.hardware import Hardware, gpu_index
-from placement.plan import Budget, Plan, Rule, Settings, place_all
+from cpu_kernels.formats import parse_format
+from hybrid.errors import HybridError, PlanError
+from hybrid.read.config import ModelConfig, load_config
+from placement import memory, presets
+from placement.hardware import Hardware, device_here
+from placement.plan import Architecture, Budget, Plan, Rule, Settings, check_model, cpu_threads, place_all
 from placement.projection import NUMA_UNSPLIT_FACTOR, Projection, Traffic, project
 
 GIB = memory.GIB
@@ -32,13 +33,29 @@ DEFAULT_CONTEXT = 32768
 
 @dataclass(frozen=True)
 class PlanRequest:
-    context_length: int | None = None
-    batch: int = 1
-    expert_format: str = "int4"
-    gpu_expert_layers: int | None = None  # None: as many as fit; 0: none
+    """What `hybrid plan`'s flags ask for, checked once here: a bad value is one PlanError naming its flag."""
+
+    context_length: int | None = None  # --context; None: the model's, at most DEFAULT_CONTEXT
+    batch: int = 1  # --batch
+    expert_format: str = "int4"  # --experts
+    gpu_expert_layers: int | None = None  # --gpu-expert-layers; None: as many as fit; 0: none
     routing_counts: dict | None = None  # {layer: [count per expert]}
     allow_disk: bool = False
-    cpu_threads: int | None = None
+    cpu_threads: int | None = None  # None: one per physical core
+
+    def __post_init__(self):
+        for flag, value, least, optional in (("--context", self.context_length, 1, True),
+                                             ("--batch", self.batch, 1, False),
+                                             ("--gpu-expert-layers", self.gpu_expert_layers, 0, True),
+                                             ("cpu_threads", self.cpu_threads, 1, True)):
+            if value is None and optional:
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                raise PlanError(f"{flag} must be a whole number, {least} or more, got {value!r}")
+        try:
+            parse_format(self.expert_format)
+        except ValueError as e:
+            raise PlanError(f"--experts {self.expert_format}: {e}") from None
 
 
 @dataclass(frozen=True)
@@ -50,6 +67,7 @@ class PlanResult:
     hardware: Hardware
     capacity: dict  # device -> bytes available
     reasons: tuple[str, ...]
+    notes: tuple[str, ...] = ()  # what checking a given plan found that does not stop it (evaluate)
 
 
 def load_routing_counts(path) -> dict[int, list[int]]:
@@ -101,22 +119,27 @@ def make_plan(cfg: ModelConfig, model: str, hw: Hardware, req: PlanRequest = Pla
     traffic = traffic_of(cfg, plan, budget, share, hit_rate)
     proj = project(cfg, hw, traffic, ctx, req.batch, plan.settings.prefill_chunk)
     reasons.append(f"decode is bound by {proj.bound}")
+    plan = replace(plan, architecture=Architecture.of(cfg))  # what a plan file records, to match checkpoints by
     return PlanResult(plan, budget, proj, traffic, hw, capacity, tuple(reasons))
 
 
 def evaluate(plan: Plan, cfg: ModelConfig, hw: Hardware, routing_counts=None) -> PlanResult:
-    """Check a given plan (a file a user edited, a translated one) against a model and a machine: every
-    tensor placed, every device within its memory, and project its speed."""
+    """Check a given plan (a file a user edited, a translated one) against a model and a machine, as the runtime
+    will run it there: written for this model, every tensor placed, every device within its memory; and
+    project its speed. What does not stop it (a GPU this machine lacks, more threads than cores) comes back
+    in PlanResult.notes."""
+    planned_for, notes = planned_architecture(plan)
+    check_model(plan, cfg, planned_for)
+    plan, here = runs_here(plan, hw)
+    notes += here
     budget = place_all(plan, cfg)
     capacity = {"cpu": int(hw.ram_available_gib * GIB)}
     if hw.gpu is not None:
         capacity[hw.gpu_device] = int(hw.gpu.memory_gib * GIB)
     for device in budget.by_device:
-        if device not in capacity:
-            index = gpu_index(device)  # a GPU this machine has, but not the one planned for: one GPU runs today
-            other_gpu = index is not None and index < len(hw.gpus)
-            why = f"but plans use one GPU ({hw.gpu_device}) today" if other_gpu else "which this machine does not have"
-            raise PlanError(f"{plan.source}: places tensors on {device}, {why}")
+        if device not in capacity:  # a GPU this machine has, but not the one planned for: one GPU runs today
+            raise PlanError(f"{plan.source}: places tensors on {device}, but plans use one GPU ({hw.gpu_device}) "
+                            f"today")
         need = budget.total(device)
         backed = plan.settings.expert_backing == "disk" and device == "cpu"
         if need > capacity[device] and not backed:
@@ -132,7 +155,48 @@ def evaluate(plan: Plan, cfg: ModelConfig, hw: Hardware, routing_counts=None) ->
     traffic = traffic_of(cfg, plan, budget, share, hit)
     s = plan.settings
     proj = project(cfg, hw, traffic, s.context_length, s.batch, s.prefill_chunk)
-    return PlanResult(plan, budget, proj, traffic, hw, capacity, (f"checked {plan.source}", f"decode is bound by {proj.bound}"))
+    reasons = (f"checked {plan.source}", f"decode is bound by {proj.bound}")
+    return PlanResult(plan, budget, proj, traffic, hw, capacity, reasons, tuple(notes))
+
+
+def planned_architecture(plan: Plan) -> tuple[Architecture | None, list[str]]:
+    """The architecture a plan was written for: its own record, else (files written before plans recorded it)
+    the preset or checkpoint folder its `model:` names, when that is here; else None, with a note saying the
+    model was not compared."""
+    if plan.architecture is not None:
+        return plan.architecture, []
+    folder = Path(plan.model) / "config.json"
+    try:
+        cfg = load_config(folder) if folder.is_file() else presets.load(plan.model)
+    except HybridError:  # a config that no longer reads: nothing to compare with
+        cfg = None
+    if cfg is not None:
+        return Architecture.of(cfg), []
+    return None, [f"{plan.source}: names no architecture (written before plan files recorded it) and its model "
+                  f"{plan.model!r} is no preset or folder here, so it was not compared with this checkpoint; "
+                  f"`hybrid plan CHECKPOINT -o FILE` writes a plan that records it"]
+
+
+def runs_here(plan: Plan, hw: Hardware) -> tuple[Plan, list[str]]:
+    """The plan as `hw` runs it, and what differs, one line each. A device on a GPU the machine lacks runs on
+    the CPU (hardware.device_here: the loader applies the same rule), so the plan is checked and projected
+    that way; more expert-kernel threads than cores share the cores (slower, not wrong: plan files are shared
+    between machines, so this is a note, not a refusal)."""
+    notes = []
+    n_gpus = len(hw.gpus)
+    lacking = sorted({r.device for r in plan.rules if device_here(r.device, n_gpus) != r.device})
+    if lacking:
+        rules = tuple(replace(r, device=device_here(r.device, n_gpus)) for r in plan.rules)
+        cache = plan.settings.cache_device and device_here(plan.settings.cache_device, n_gpus)
+        plan = replace(plan, rules=rules, settings=replace(plan.settings, cache_device=cache))
+        has = f"{n_gpus} GPU{'s' if n_gpus != 1 else ''}" if n_gpus else "no GPU"
+        notes.append(f"{plan.source}: places tensors on {', '.join(lacking)}, but this machine has {has}: those "
+                     f"parts run on the CPU here (checked and projected that way)")
+    threads = cpu_threads(plan)
+    if threads > hw.cores:
+        notes.append(f"{plan.source}: {threads} CPU expert threads on {hw.cores} cores: they will share cores and "
+                     f"run slower; set cpu_threads (and any threads option) to {hw.cores} for this machine")
+    return plan, notes
 
 
 def _n_moe(cfg):

@@ -1,5 +1,6 @@
-"""Plan files: round trip, and one error naming file and line per bad case; the cache device and expert backing
-the runtime obeys; KTransformers rules; hardware files; the CLI."""
+"""Plan files: round trip, and one error naming file and line per bad case; the check against the model and the
+machine that `hybrid plan --check` and the runtime share; the cache device and expert backing the runtime obeys;
+KTransformers rules; hardware files; the CLI."""
 
 import json
 import subprocess
@@ -8,16 +9,21 @@ import textwrap
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
+from click.testing import CliRunner
 
+from hybrid.cli import cli
 from hybrid.errors import PlanError
+from hybrid.generation.runtime import open_runtime
+from hybrid.read.config import load_config
 from placement import presets
 from hybrid.run.experts import HybridExperts
-from hybrid.run.loader import cache_device, load_model
-from placement.hardware import describe, hardware_to_dict, load_hardware
+from hybrid.run.loader import cache_device, load_model, torch_device
+from placement.hardware import describe, device_here, hardware_to_dict, load_hardware
 from placement.ktransformers import translate
-from placement.plan import Plan, Rule, Settings
-from placement.plan_file import dump_plan, load_plan
+from placement.plan import Architecture, Plan, Rule, Settings
+from placement.plan_file import dump_plan, load_checked_plan, load_plan, save_plan
 from placement.planner import PlanRequest, evaluate, make_plan
 
 K2 = presets.load("kimi-k2-instruct-0905")
@@ -61,6 +67,8 @@ def test_round_trip(tmp_path):
     assert [(r.match, r.device, r.format, r.kernel, r.options) for r in back.rules] == \
            [(r.match, r.device, r.format, r.kernel, r.options) for r in made.rules]
     assert evaluate(back, K2, HW).budget.total("cuda:0") == evaluate(made, K2, HW).budget.total("cuda:0")
+    assert back.architecture == made.architecture == Architecture.of(K2)
+    assert "architecture:\n  num_hidden_layers: 61\n  first_k_dense_replace: 1\n" in path.read_text()
 
 
 def test_hand_written_plan_is_checked_and_projected(tmp_path):
@@ -87,6 +95,9 @@ BAD = [
     (GOOD.replace("cpu_threads: 16", "expert_backing: tape"), 4, "expert_backing must be one of ram, disk"),
     ("rules:\n  - match: x\n    device: cpu\n    kernel: torch\n", 2, "missing key 'format'"),
     ("model: [unclosed\n", 2, "not valid YAML"),
+    ("architecture: {hidden_size: 7168}\n" + GOOD, 1, "architecture is missing key 'num_hidden_layers'"),
+    (GOOD.replace("kernel: cpu_moe", "kernel: cpu_moe\n    options: {threads: 0}"), 7,
+     "option threads must be a whole number, 1 or more, got 0"),
 ]
 
 
@@ -117,6 +128,74 @@ def test_cpu_moe_on_non_expert_tensors_is_refused(tmp_path):
         evaluate(plan, K2, HW)
 
 
+def test_a_plan_for_another_model_is_refused_whatever_its_folder_is_called(tmp_path):
+    """`hybrid plan deepseek-v3 --check k2.yaml` (and generate/chat/serve/profile, through load_checked_plan):
+    the architecture the file records is compared, not the name under `model:`."""
+    v3 = presets.load("deepseek-v3")
+    path = tmp_path / "k2.yaml"
+    save_plan(make_plan(K2, "/models/Kimi-K2-Instruct-0905", HW, PlanRequest(context_length=16384)).plan, path)
+    with pytest.raises(PlanError) as e:
+        evaluate(load_plan(path), v3, HW)
+    assert str(e.value) == (f"{path}: written for another model (/models/Kimi-K2-Instruct-0905: first_k_dense_replace "
+                            f"1, n_routed_experts 384), not for {v3.source} (first_k_dense_replace 3, n_routed_experts "
+                            f"256); make a plan for it with `hybrid plan MODEL -o FILE`")
+    assert evaluate(load_plan(path), K2, HW).notes == ()  # K2, wherever its folder is and whatever it is called
+    # Files written before plans recorded their architecture: the preset (or folder) `model:` names is compared...
+    with pytest.raises(PlanError, match="plan.yaml: written for another model \\(kimi-k2-instruct-0905: "):
+        evaluate(load_plan(write(tmp_path, GOOD)), v3, HW)
+    # ... and when it names neither, that is said, not passed over in silence.
+    gone = load_plan(write(tmp_path, GOOD.replace("model: kimi-k2-instruct-0905", "model: /gone/K2")))
+    assert evaluate(gone, K2, HW).notes == (
+        f"{gone.source}: names no architecture (written before plan files recorded it) and its model '/gone/K2' is "
+        f"no preset or folder here, so it was not compared with this checkpoint; `hybrid plan CHECKPOINT -o FILE` "
+        f"writes a plan that records it",)
+
+
+def test_the_runtime_refuses_a_plan_for_another_checkpoint_before_loading(k2_tiny, v3_tiny, tmp_path):
+    plan = tmp_path / "plan.yaml"
+    r = CliRunner().invoke(cli, ["plan", str(k2_tiny), "--gpu", "none", "--ram", "16GB", "--cores", "1",
+                                 "-o", str(plan)])
+    assert r.exit_code == 0, r.output
+    with pytest.raises(PlanError) as e:
+        open_runtime(v3_tiny, plan)
+    assert str(e.value).startswith(f"{plan}: written for another model ({k2_tiny}: n_routed_experts 16), not for "
+                                   f"{v3_tiny / 'config.json'} (n_routed_experts 32)")
+    renamed = tmp_path / "Kimi-K2-renamed"
+    renamed.mkdir()
+    (renamed / "config.json").write_text((k2_tiny / "config.json").read_text())
+    cpu_only = describe(gpu="none", ram="16GB", cores=1)
+    assert load_checked_plan(plan, load_config(renamed / "config.json"), cpu_only).notes == ()
+
+
+def test_a_gpu_plan_on_a_machine_without_one_runs_on_the_cpu_with_one_note(tmp_path):
+    """One rule, hardware.device_here, for `hybrid plan --check`, load_checked_plan and the loader: a GPU this
+    machine lacks runs on the CPU (plan files are shared between machines), said in one note line."""
+    path = write(tmp_path, GOOD)
+    note = (f"{path}: places tensors on cuda:0, but this machine has no GPU: those parts run on the CPU here "
+            f"(checked and projected that way)")
+    cpu_only = describe(gpu="none", ram="768GB", cores=32)
+    result = evaluate(load_plan(path), K2, cpu_only)
+    assert result.notes == (note,) and set(result.budget.by_device) == {"cpu"} and result.plan.cache_device == "cpu"
+    assert load_checked_plan(path, K2, cpu_only).notes == (note,)  # what the runtime front ends get
+    r = CliRunner().invoke(cli, ["plan", "kimi-k2", "--gpu", "none", "--ram", "768GB", "--cores", "32",
+                                 "--check", str(path)])
+    assert r.exit_code == 0 and f"note: {note}\n" in r.output, r.output
+    n_gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    assert torch_device("cuda:0") == torch.device(device_here("cuda:0", n_gpus))
+    assert (device_here("cuda:0", 0), device_here("cuda:1", 1), device_here("cuda:1", 2)) == ("cpu", "cpu", "cuda:1")
+
+
+def test_more_threads_than_cores_is_a_note_and_a_longer_context_than_the_model_a_refusal(tmp_path):
+    path = write(tmp_path, GOOD)  # cpu_threads: 16
+    few = describe(gpu="RTX 4090", ram="768GB", cores=8)
+    assert evaluate(load_plan(path), K2, few).notes == (
+        f"{path}: 16 CPU expert threads on 8 cores: they will share cores and run slower; set cpu_threads (and any "
+        f"threads option) to 8 for this machine",)
+    with pytest.raises(PlanError) as e:
+        evaluate(load_plan(write(tmp_path, GOOD.replace("context_length: 16384", "context_length: 1000000"))), K2, HW)
+    assert str(e.value) == f"{path}: context_length 1000000 exceeds the model's max_position_embeddings (262144)"
+
+
 def tiny_plan(backing="ram"):
     return Plan("tiny", Settings(cpu_threads=2, expert_backing=backing), (
         Rule(r"\.mlp\.experts\.", "cpu", "int8", "cpu_moe"), Rule(".*", "cuda:0", "fp32", "torch")), source="tiny.yaml")
@@ -137,11 +216,14 @@ def test_the_cache_device_is_where_attention_runs(k2_tiny):
     assert model.model.layers[0].self_attn.kv_a_proj_with_mqa.weight.device == cache_device(plan)  # cuda:0 or cpu
 
 
+# KTransformers' DeepSeek-V3-Chat.yaml, entries in its order (comments dropped): `^model$` comes before the
+# embedding's own entry, so a translation that widened it to everything under `model.` put the embedding on the GPU.
 KT_RULES = """\
 - match:
-    class: ktransformers.models.modeling_deepseek_v3.DeepseekV3RotaryEmbedding
+    class: ktransformers.models.modeling_deepseek.DeepseekV3YarnRotaryEmbedding
   replace:
-    class: ktransformers.operators.RoPE.YarnRotaryEmbeddingV3
+    class: ktransformers.operators.RoPE.YarnRotaryEmbedding
+    kwargs: {generate_device: "cuda", prefill_device: "cuda"}
 - match:
     name: "^model\\\\.layers\\\\.(?!.*self_attn\\\\.kv_b_proj).*$"
     class: torch.nn.Linear
@@ -149,21 +231,32 @@ KT_RULES = """\
     class: ktransformers.operators.linear.KTransformersLinear
     kwargs: {generate_device: "cuda", prefill_device: "cuda", generate_op: "KLinearMarlin", prefill_op: "KLinearTorch"}
 - match:
+    name: "^model\\\\.layers\\\\..*\\\\.mlp$"
+    class: ktransformers.models.modeling_deepseek.DeepseekV2MoE
+  replace:
+    class: ktransformers.operators.experts.KDeepseekV2MoE
+    kwargs: {generate_device: "cuda", prefill_device: "cuda"}
+- match:
     name: "^model\\\\.layers\\\\..*\\\\.mlp\\\\.experts$"
   replace:
     class: ktransformers.operators.experts.KTransformersExperts
     kwargs: {prefill_device: "cuda", prefill_op: "KExpertsTorch", generate_device: "cpu", generate_op: "KExpertsCPU", out_device: "cuda"}
   recursive: False
 - match:
-    name: "^model\\\\.embed_tokens"
+    name: "^model\\\\.layers\\\\..*\\\\.self_attn$"
   replace:
-    class: "default"
-    kwargs: {generate_device: "cpu", prefill_device: "cpu"}
+    class: ktransformers.operators.attention.KDeepseekV2Attention
+    kwargs: {generate_device: "cuda", prefill_device: "cuda"}
 - match:
     name: "^model$"
   replace:
     class: "ktransformers.operators.models.KDeepseekV2Model"
     kwargs: {per_layer_prefill_intput_threshold: 0}
+- match:
+    name: "^model.embed_tokens"
+  replace:
+    class: "default"
+    kwargs: {generate_device: "cpu", prefill_device: "cpu"}
 """
 
 
@@ -175,10 +268,28 @@ def test_ktransformers_rules_translate(tmp_path):
     assert plan.rule_for("model.layers.3.mlp.experts.7.down_proj.weight").kernel == "cpu_moe"
     assert plan.rule_for("model.layers.3.self_attn.o_proj.weight").device == "cuda:0"
     assert plan.rule_for("model.embed_tokens.weight").device == "cpu"
+    # their walk: the experts' subtree first (recursive: False), then the file's order; `$` = the module's own tensors
+    assert [r.match for r in t.rules] == [
+        r"^model\.layers\..*\.mlp\.experts\.", r"^model\.layers\.(?!.*self_attn\.kv_b_proj).*\.[^.]+$",
+        r"^model\.layers\..*\.mlp\.[^.]+$", r"^model\.layers\..*\.self_attn\.[^.]+$", r"^model\.[^.]+$",
+        r"^model.embed_tokens", ".*"]
     notes = "\n".join(t.notes)
     assert "KLinearMarlin has no equivalent" in notes and "per_layer_prefill_intput_threshold" in notes
     assert "out_device" in notes and "matches by class only" in notes
     assert evaluate(plan, K2, HW).projection.decode_tps > 1
+
+
+def test_a_translation_that_does_not_fit_is_written_beside_the_refusal(tmp_path):
+    rules, out = tmp_path / "DeepSeek-V3-Chat.yaml", tmp_path / "from-kt.yaml"
+    rules.write_text(KT_RULES)
+    r = CliRunner().invoke(cli, ["plan", "kimi-k2", "--gpu", "RTX 4090", "--ram", "768GB", "--cores", "32",
+                                 "--context", "131072", "--from-ktransformers", str(rules), "-o", str(out)])
+    assert r.exit_code == 2 and r.output.count("\n") == 1, r.output
+    assert r.output.startswith(f"error: {rules}: needs 30.3 GiB on cuda:0 (attention 11.5, kv cache 8.6, ")
+    assert r.output.endswith(f"has 24.0 (the translation is written to {out}: edit it, then check it with "
+                             f"`hybrid plan MODEL --check {out}`)\n")
+    assert load_plan(out).rule_for("model.embed_tokens.weight").device == "cpu"
+    assert f"\n# refused here: {rules}: needs 30.3 GiB on cuda:0" in out.read_text()
 
 
 def test_hardware_yaml(tmp_path):
@@ -195,6 +306,12 @@ def test_hardware_yaml(tmp_path):
     path.write_text("gpu: RTX 4090\nram_gib: 512\nram_speed: fast\n")
     with pytest.raises(PlanError, match="hw.yaml: unknown key 'ram_speed'"):
         load_hardware(path)
+    for line, error in (("cores: 0", "cores must be a whole number, 1 or more, got 0"),
+                        ("ram_bandwidth_gbps: -5", "ram_bandwidth_gbps must be a number above 0, got -5")):
+        path.write_text(f"gpu: RTX 4090\nram_gib: 512\n{line}\n")
+        with pytest.raises(PlanError) as e:
+            load_hardware(path)
+        assert str(e.value) == f"{path}: {error}"
 
 
 def run(*args):

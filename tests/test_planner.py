@@ -144,6 +144,34 @@ def test_two_gpus_plan_onto_the_first_by_its_name(tmp_path):
         evaluate(Plan("k2", unset, rules, source="second.yaml"), K2, two)
 
 
+FLAG_ERRORS = [
+    ("--experts int3", "--experts int3: format name 'int3' is not one of ('bf16', 'int8', 'int4')"),
+    ("--cores 0", "--cores must be a whole number, 1 or more, got 0"),
+    ("--context 0", "--context must be a whole number, 1 or more, got 0"),
+    ("--context -5", "--context must be a whole number, 1 or more, got -5"),
+    ("--batch 0", "--batch must be a whole number, 1 or more, got 0"),
+    ("--gpu-expert-layers -1", "--gpu-expert-layers must be a whole number, 0 or more, got -1"),
+    ("--ram -5GB", "--ram: '-5GB' is not a size like 768GB or 24GiB"),
+    ("--ram 0", "--ram must be a number above 0, got 0.0"),
+    ("--gpu-memory -3", "--gpu-memory must be a number above 0, got -3.0"),
+    ("--ram-bandwidth 0", "--ram-bandwidth must be a number above 0, got 0.0"),
+    ("--disk-bandwidth -1", "--disk-bandwidth must be a number above 0, got -1.0"),
+    ("--numa-nodes 0", "--numa-nodes must be a whole number, 1 or more, got 0"),
+]
+
+
+@pytest.mark.parametrize("flags,line", FLAG_ERRORS, ids=[f for f, _ in FLAG_ERRORS])
+def test_nonsense_flags_are_one_line_before_planning(flags, line):
+    """`hybrid plan kimi-k2 --gpu "RTX 4090" --ram 768GB FLAGS`: one line and exit code 2 (was a ValueError or
+    ZeroDivisionError traceback, or a plan for a context of 0)."""
+    from click.testing import CliRunner
+
+    from hybrid.cli import cli
+
+    r = CliRunner().invoke(cli, ["plan", "kimi-k2", "--gpu", "RTX 4090", "--ram", "768GB", *flags.split()])
+    assert (r.exit_code, r.output) == (2, f"error: {line}\n")
+
+
 DEFS = (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)
 
 

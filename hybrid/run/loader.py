@@ -19,7 +19,7 @@ from hybrid.errors import CheckpointError, PlanError
 from hybrid.run.experts import HybridExperts
 from hybrid.run.layers import MLP, Fp8Linear, MoE
 from hybrid.run.model import DeepseekV3ForCausalLM
-from placement.hardware import gpu_index
+from placement.hardware import device_here
 from placement.plan import ATTENTION_TENSOR
 
 FP32_ALWAYS = ("mlp.gate.weight", "e_score_correction_bias")
@@ -27,11 +27,9 @@ TORCH_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
 
 def torch_device(name: str) -> torch.device:
-    """The torch device for a plan device name; a GPU this machine does not have runs on the CPU."""
-    index = gpu_index(name)
-    if index is not None and torch.cuda.is_available() and index < torch.cuda.device_count():
-        return torch.device(name)
-    return torch.device("cpu")
+    """The torch device for a plan device name, by placement's rule (hardware.device_here): a GPU this machine
+    does not have runs on the CPU. load_checked_plan applies the same rule and notes it for the front end."""
+    return torch.device(device_here(name, torch.cuda.device_count() if torch.cuda.is_available() else 0))
 
 
 def cache_device(plan) -> torch.device:
