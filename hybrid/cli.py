@@ -14,7 +14,8 @@ err = Console(stderr=True, soft_wrap=True)  # an error stays one line, however n
 
 
 class HybridGroup(click.Group):
-    """Turns a HybridError anywhere below into one red line and exit code 2, never a traceback."""
+    """Turns a HybridError anywhere below, and click's own usage errors, into one red line and exit code 2,
+    never a traceback or a usage block."""
 
     def invoke(self, ctx):
         try:
@@ -23,8 +24,44 @@ class HybridGroup(click.Group):
             err.print(f"[bold red]error:[/bold red] {escape(str(e))}")
             ctx.exit(2)
 
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        try:
+            code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except click.UsageError as e:
+            where = e.ctx.command_path if e.ctx is not None else "hybrid"
+            err.print(f"[bold red]error:[/bold red] {escape(e.format_message())} ({escape(where)} -h for help)")
+            sys.exit(2)
+        except click.ClickException as e:
+            e.show()
+            sys.exit(e.exit_code)
+        except (click.Abort, KeyboardInterrupt, EOFError):
+            err.print("aborted")
+            sys.exit(1)
+        sys.exit(code if isinstance(code, int) else 0)
 
-@click.group(cls=HybridGroup)
+
+class ModelRef(click.ParamType):
+    """MODEL: a checkpoint folder or a Hugging Face id (org/name), resolved through hybrid.read.hub when the
+    command runs; a file, a GGUF or a missing folder is one line, not click's "Directory ... is a file"."""
+
+    name = "model"
+
+    def convert(self, value, param, ctx):
+        from hybrid.read.hub import resolve_model
+
+        try:
+            return resolve_model(str(value))
+        except HybridError as e:
+            self.fail(str(e), param, ctx)
+
+
+MODEL = ModelRef()
+reference_option = click.option(
+    "--reference", is_flag=True,
+    help="Run the plain fp32 torch model (the test oracle), not the hybrid runtime; tiny models only.")
+
+
+@click.group(cls=HybridGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="hybrid")
 def cli():
     """Run DeepSeek-V3-family MoE models (Kimi-K2) on one workstation."""
@@ -51,6 +88,8 @@ def make_tiny_cmd(out, fp8, layers, dense_layers, experts, top_k, hidden, n_grou
     """Write a random-weight checkpoint in Kimi-K2-Instruct-0905's exact on-disk layout."""
     from hybrid.read.tiny import K2_WIDTHS, TinySpec, make_tiny
 
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+        raise click.UsageError(f"{out} exists and is not empty; add --overwrite to replace it")
     widths = K2_WIDTHS if shape == "kimi-k2" else {"hidden": hidden}
     spec = TinySpec(layers=layers, dense_layers=dense_layers, experts=experts, top_k=top_k, n_group=n_group,
                     topk_group=topk_group, seed=seed, fp8=fp8, tokenizer_from=tokenizer_from, **widths)
@@ -59,7 +98,7 @@ def make_tiny_cmd(out, fp8, layers, dense_layers, experts, top_k, hidden, n_grou
 
 
 @cli.command()
-@click.argument("model", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.argument("model", type=MODEL)
 @click.option("--prompt", help="Prompt text (needs the checkpoint's tokenizer).")
 @click.option("--prompt-ids", help="Prompt as comma-separated token ids, e.g. 1,2,3.")
 @click.option("--allow-special", is_flag=True,
@@ -74,12 +113,15 @@ def make_tiny_cmd(out, fp8, layers, dense_layers, experts, top_k, hidden, n_grou
 @click.option("--seed", type=int)
 @click.option("--stop", multiple=True, help="Stop string (repeatable).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of streaming text.")
-def generate(model, prompt, prompt_ids, allow_special, plan_file, store, as_json, stop, **sampling):
-    """Generate from MODEL (a checkpoint folder) and print the text as it comes."""
+@reference_option
+def generate(model, prompt, prompt_ids, allow_special, plan_file, store, as_json, stop, reference, **sampling):
+    """Generate from MODEL (a checkpoint folder or a Hugging Face id) and print the text as it comes."""
     from hybrid.generation.generate import Stats, generate as run
 
     check_sampling(**sampling)
-    rt = load_for_cli(model, plan_file, store)
+    if (prompt is None) == (prompt_ids is None):
+        raise click.UsageError("give exactly one of --prompt and --prompt-ids")
+    rt = load_for_cli(model, plan_file, store, reference=reference)
     ids = parse_prompt(prompt, prompt_ids, rt.tokenizer, allow_special)
     params = rt.sampling(**sampling)
     stats = Stats()
@@ -117,8 +159,10 @@ def generate(model, prompt, prompt_ids, allow_special, plan_file, store, as_json
 @click.option("--gpu-expert-layers", type=int, help="Cap on MoE layers whose experts go to the GPU (0: none).")
 @click.option("--routing-stats", type=click.Path(exists=True, dir_okay=False), help="Routing counts JSON.")
 @click.option("--allow-disk", is_flag=True, help="Let experts beyond RAM stay memory-mapped on disk.")
-@click.option("--check", "check_file", type=click.Path(exists=True, dir_okay=False), help="Validate this plan.")
-@click.option("--from-ktransformers", type=click.Path(exists=True, dir_okay=False), help="Translate their rules.")
+@click.option("--check", "check_file", type=click.Path(exists=True, dir_okay=False),
+              help="Check this plan file against MODEL and the machine, as the runtime will.")
+@click.option("--from-ktransformers", type=click.Path(exists=True, dir_okay=False),
+              help="Translate their rule file (written with -o even when it does not fit, to edit).")
 @click.option("--json", "as_json", is_flag=True)
 def plan(model, output, hardware, check_file, from_ktransformers, as_json, **flags):
     """Plan MODEL (a preset such as kimi-k2-instruct-0905, or a checkpoint folder) for a machine."""
@@ -170,38 +214,46 @@ def convert(checkpoint, out, fmt, group, verify):
 @click.option("--prompt-lens", default="128", show_default=True, help="Comma-separated prompt lengths.")
 @click.option("--gen", default=16, show_default=True, help="Tokens decoded per run.")
 @click.option("--batch", "batches", default="1", show_default=True, help="Comma-separated batch sizes.")
-@click.option("--repeat", default=3, show_default=True)
+@click.option("--repeat", default=3, show_default=True, help="Measured runs per length and batch (after a warm-up).")
 @click.option("--shape", type=click.Choice(["kimi-k2"]), help="Profile a K2-width model instead of MODEL.")
 @click.option("--layers", default=2, show_default=True, help="With --shape: layers (the first is dense).")
 @click.option("--experts", default=32, show_default=True, help="With --shape: routed experts per layer.")
-@click.option("--project-hardware", type=click.Path(exists=True, dir_okay=False), help="Project onto this machine.")
-@click.option("--probe-gib", default=2.0, show_default=True, help="Size of the read-bandwidth probe.")
-@click.option("--json", "json_out", type=click.Path(dir_okay=False))
-@click.option("--csv", "csv_out", type=click.Path(dir_okay=False))
-@click.option("--plot", "plot_out", type=click.Path(dir_okay=False), help="PNG: time by component, speed by context.")
-@click.option("--routing-stats", "routing_out", type=click.Path(dir_okay=False), help="Expert counts for hybrid plan.")
-@click.option("--hardware-out", type=click.Path(dir_okay=False), help="Measured hardware YAML for hybrid plan.")
-def profile(model, shape, layers, experts, project_hardware, prompt_lens, batches, **opts):
+@click.option("--project-hardware", type=click.Path(exists=True, dir_okay=False),
+              help="With --shape: project the full model onto this machine (hardware YAML).")
+@click.option("--probe-gib", default=2.0, show_default=True, help="GiB the read-bandwidth probe reads (at least 1/16).")
+# Output paths are checked by hybrid.profile.Outputs: one line, before anything runs.
+@click.option("--json", "json_out", type=click.Path(), help="The whole report as JSON.")
+@click.option("--csv", "csv_out", type=click.Path(), help="One row per prompt length and batch.")
+@click.option("--plot", "plot_out", type=click.Path(), help="PNG: time by component, speed by context.")
+@click.option("--routing-stats", "routing_out", type=click.Path(), help="Expert counts for hybrid plan.")
+@click.option("--hardware-out", type=click.Path(), help="Measured hardware YAML for hybrid plan.")
+def profile(model, shape, layers, experts, project_hardware, prompt_lens, batches, gen, repeat, probe_gib,
+            plan_file, store, **outputs):
     """Measure prefill and decode, break a token's time down by component, calibrate the planner."""
-    from hybrid.profile import run_profile, shape_model, summary, table, write_outputs
+    from hybrid.profile import Grid, Outputs, progress_display, run_profile, shape_model, summary, table, write_outputs
     from placement.hardware import load_hardware
 
     if (model is None) == (shape is None):
         raise click.UsageError("give MODEL or --shape kimi-k2")
-    outputs = {k: opts.pop(k) for k in ("json_out", "csv_out", "plot_out", "routing_out", "hardware_out")}
-    report = run_profile(model or shape_model(shape, layers, experts),
-                         prompt_lens=[int(n) for n in prompt_lens.split(",")],
-                         batches=[int(b) for b in batches.split(",")],
-                         full_model="kimi-k2-instruct-0905" if shape else None,
-                         project_to=load_hardware(project_hardware) if project_hardware else None, **opts)
+    if project_hardware and not shape:
+        raise HybridError("--project-hardware projects the full model, so it needs --shape kimi-k2")
+    # Every flag and output path is checked here, before minutes of loading and measuring.
+    grid = Grid.parse(prompt_lens, batches, gen=gen, repeat=repeat, probe_gib=probe_gib)
+    outputs = Outputs(**outputs)
+    outputs.check()
+    target = load_hardware(project_hardware) if project_hardware else None
+    with progress_display(err) as progress:
+        report = run_profile(model or shape_model(shape, layers, experts, progress), grid, plan_file, store,
+                             full_model="kimi-k2-instruct-0905" if shape else None, project_to=target,
+                             progress=progress)
     Console().print(table(report))
     for line in summary(report):
         err.print(line)
-    write_outputs(report, **outputs)
+    write_outputs(report, outputs)
 
 
 @cli.command()
-@click.argument("model", required=False, type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.argument("model", required=False, type=MODEL)
 @click.option("--demo", is_flag=True, help="Chat with a tiny random-weight K2-layout model (written on first use).")
 @click.option("--plan", "plan_file", type=click.Path(exists=True, dir_okay=False), help="Placement plan YAML.")
 @click.option("--store", type=click.Path(exists=True, file_okay=False), help="Expert store from `hybrid convert`.")
@@ -212,8 +264,9 @@ def profile(model, shape, layers, experts, project_hardware, prompt_lens, batche
 @click.option("--tools", "tools_file", type=click.Path(exists=True, dir_okay=False),
               help="JSON list of OpenAI-style function declarations the model may call.")
 @click.option("--prompt", help="Send this one message, print the reply, and exit (scripts, tests).")
-def chat(model, demo, plan_file, store, tools_file, prompt, max_new_tokens, **settings):
-    """Chat with MODEL (a checkpoint folder) in the terminal; /help inside lists the commands."""
+@reference_option
+def chat(model, demo, plan_file, store, tools_file, prompt, max_new_tokens, reference, **settings):
+    """Chat with MODEL (a checkpoint folder or a Hugging Face id) in the terminal; /help lists the commands."""
     from hybrid.chat import run_chat
     from hybrid.generation.conversation import ChatSession
 
@@ -225,43 +278,86 @@ def chat(model, demo, plan_file, store, tools_file, prompt, max_new_tokens, **se
         model, max_new_tokens = ensure_demo_model(), max_new_tokens or 200
         err.print(f"[dim]demo model: {escape(str(model))} (random weights: its replies are noise)[/dim]")
     check_sampling(temperature=settings["temperature"], seed=settings["seed"], max_new_tokens=max_new_tokens)
-    session = ChatSession.open(load_for_cli(model, plan_file, store, needs_chat=True), tools_file=tools_file,
-                               max_new_tokens=max_new_tokens, **settings)
-    sys.exit(run_chat(session, err, prompt, banner=f"{model.name}: {session.cache.max_len} tokens of context"))
+    if tools_file:
+        from hybrid.generation.tools import load_tools
+
+        load_tools(tools_file)  # its one-line error before minutes of loading
+    session = ChatSession.open(load_for_cli(model, plan_file, store, needs_chat=True, reference=reference),
+                               tools_file=tools_file, max_new_tokens=max_new_tokens, **settings)
+    from hybrid.read.hub import display_name
+
+    sys.exit(run_chat(session, err, prompt,
+                      banner=f"{display_name(model)}: {session.cache.max_len} tokens of context"))
 
 
 @cli.command()
-@click.argument("model", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.argument("model", type=MODEL)
 @click.option("--plan", "plan_file", type=click.Path(exists=True, dir_okay=False))
 @click.option("--store", type=click.Path(exists=True, file_okay=False))
+@reference_option
 @click.option("--host", default="127.0.0.1", show_default=True, help="Bind address (loopback unless you say so).")
 @click.option("--port", default=8000, show_default=True)
-@click.option("--api-key", envvar="HYBRID_API_KEY", help="Require Authorization: Bearer KEY on every route.")
-@click.option("--served-model-name", help="Model name the API reports (default: the folder's name).")
+@click.option("--api-key", envvar="HYBRID_API_KEY",
+              help="Require Authorization: Bearer KEY on every route but /health and the chat page.")
+@click.option("--served-model-name", "names", multiple=True,
+              help="Model name the API lists and accepts; repeat for aliases, the first is the main one "
+                   "(default: the folder's name, which is always accepted).")
 @click.option("--max-concurrency", default=4, show_default=True, help="Requests decoded together.")
 @click.option("--max-context", type=int, help="Positions per request (default: the plan's or the model's).")
-def serve(model, plan_file, store, host, port, api_key, served_model_name, max_concurrency, max_context):
-    """Serve MODEL over the OpenAI and Anthropic HTTP APIs (chat, completions, messages, tools, streaming)."""
-    from hybrid.server.app import serve as run_server
-    from hybrid.server.service import load_service
+@click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"], case_sensitive=False),
+              default="info", show_default=True, help="info logs one line per request.")
+def serve(model, plan_file, store, reference, host, port, api_key, names, max_concurrency, max_context, log_level):
+    """Serve MODEL over the OpenAI and Anthropic HTTP APIs (chat, completions, messages, tools, streaming),
+    with a chat page at /."""
+    from hybrid.errors import ConfigError
+    from hybrid.server.app import bind, serve as run_server
+    from hybrid.server.observe import setup_logging
+    from hybrid.read.hub import display_name
+    from hybrid.server.service import Service
 
-    service = load_service(model, plan_file, store, served_model_name, max_concurrency, max_context)
-    err.print(f"serving {service.name} on http://{host}:{port}/v1 ({max_concurrency} concurrent, "
+    for flag, value in (("--max-concurrency", max_concurrency), ("--max-context", max_context)):
+        if value is not None and value < 1:
+            raise ConfigError(f"{flag} {value}: must be at least 1")
+    sock = bind(host, port)  # before the model loads (minutes for K2): a port in use is one line at once
+    setup_logging(log_level)
+    runtime = load_for_cli(model, plan_file, store, needs_chat=True, reference=reference)
+    service = Service(runtime, tuple(names) or (display_name(model),), max_concurrency, max_context,
+                      also_accepted=(model.name,))
+    url = f"http://{f'[{host}]' if ':' in host else host}:{port}"
+    err.print(f"serving {service.name} on {url} (chat page at /, API at /v1; {max_concurrency} concurrent, "
               f"context {service.max_context}{', API key required' if api_key else ''})")
-    failure = run_server(service, host, port, api_key)
+    failure = run_server(service, sock, api_key, log_level)
     if failure is not None:
         err.print(f"[bold red]error:[/bold red] the engine failed, server stopped: "
                   f"{escape(f'{type(failure).__name__}: {failure}')}")
         sys.exit(1)
 
 
-@cli.command(context_settings={"ignore_unknown_options": True, "help_option_names": []})
-@click.argument("args", nargs=-1, type=click.UNPROCESSED)
-def bench(args):
-    """The CPU expert-kernel benchmark (python -m cpu_kernels.bench); see `hybrid bench --help`."""
-    from cpu_kernels.bench import main as run_bench
+@cli.command()
+@click.option("--threads", type=click.IntRange(min=1), help="Kernel threads (default: physical cores).")
+@click.option("--formats", default="bf16,int8,int4", show_default=True, help="Comma list, e.g. int4,int4-g32,int8-g64.")
+@click.option("--experts", type=click.IntRange(min=8), default=64, show_default=True,
+              help="Experts in the layer (working set = experts x size).")
+@click.option("--quick", is_flag=True, help="16 experts, prefill 32/128 only, no torch bf16.")
+@click.option("--no-torch", is_flag=True, help="Skip the torch baselines.")
+@click.option("--kt-python", help="Interpreter with kt-kernel installed: adds its AMXINT8/AMXINT4 rows.")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Write the results here.")
+@click.option("--markdown", type=click.Path(dir_okay=False), help="Write the tables as Markdown here.")
+def bench(threads, formats, experts, quick, no_torch, kt_python, json_path, markdown):
+    """The CPU expert-kernel benchmark: decode GB/s against a bandwidth probe, prefill, torch baselines."""
+    from types import SimpleNamespace
 
-    run_bench(list(args))
+    from cpu_kernels.bench import run as run_bench
+    from cpu_kernels.formats import parse_format
+    from cpu_kernels.threads import physical_cores
+
+    for text in formats.split(","):
+        try:
+            parse_format(text.strip())
+        except ValueError as e:
+            raise click.BadParameter(str(e), param_hint="--formats") from None
+    run_bench(SimpleNamespace(threads=threads or physical_cores(), formats=formats, experts=experts, quick=quick,
+                              no_torch=no_torch, kt_python=kt_python, json=json_path, markdown=markdown))
 
 
 def check_sampling(**given):
@@ -288,16 +384,29 @@ def parse_prompt(prompt, prompt_ids, tokenizer, allow_special: bool = False) -> 
     return tokenizer.encode(prompt, allow_special=allow_special)
 
 
-def load_for_cli(folder: Path, plan_file=None, store=None, needs_chat: bool = False):
-    """open_runtime with a progress bar (every file and the plan are checked before any weight is read)."""
+def load_for_cli(folder: Path, plan_file=None, store=None, needs_chat: bool = False, reference: bool = False):
+    """open_runtime with a progress bar. Without a plan file the model is planned for this machine now (the
+    plan's summary shown, with how to save it), unless `reference` asks for the plain fp32 torch model. Every
+    file and the plan are checked before any weight is read."""
     from rich.progress import Progress
 
-    from hybrid.generation.runtime import open_runtime
+    from hybrid.generation.runtime import open_runtime, plan_for_this_machine, plan_summary
+    from hybrid.read.checkpoint import Checkpoint
 
+    if reference and (plan_file or store):
+        raise click.UsageError("--reference runs the plain torch model: it takes no --plan or --store")
+    ckpt, plan = Checkpoint.open(folder), plan_file
+    if plan is None and not reference:
+        plan = plan_for_this_machine(ckpt, store).plan
+        err.print(f"[dim]no --plan: planned for this machine: {escape(plan_summary(plan))} "
+                  f"(`hybrid plan {escape(str(folder))} -o plan.yaml` writes it to edit)[/dim]")
     with Progress(console=err, transient=True) as bar:
         task = bar.add_task("loading weights", total=None)
-        return open_runtime(folder, plan_file, store, needs_chat=needs_chat,
-                            progress=lambda done, total: bar.update(task, completed=done, total=total))
+        rt = open_runtime(ckpt, plan, store, needs_chat=needs_chat,
+                          progress=lambda done, total: bar.update(task, completed=done, total=total))
+    for note in rt.plan.notes if rt.plan is not None else ():
+        err.print(f"[yellow]note:[/yellow] {escape(note)}")
+    return rt
 
 
 def main():

@@ -19,7 +19,7 @@ from pathlib import Path
 import yaml
 from rich.table import Table
 
-from hybrid.errors import ConfigError, PlanError
+from hybrid.errors import ConfigError
 from hybrid.read.checkpoint import Checkpoint
 from hybrid.generation.profiling import COMPONENTS, RoutingCounter, calibrated_hardware, full_size_projection, profile_run
 
@@ -125,35 +125,11 @@ def shape_model(shape: str, layers: int, experts: int, progress=None) -> Path:
     return folder
 
 
-def check_expert_width(cfg, fmt_name: str, whose: str, folder) -> None:
-    """The CPU kernels read an expert's inputs (hidden_size for gate and up, the expert width for down) in
-    whole groups of its format: refuse a model that does not divide, naming a format that fits."""
-    from cpu_kernels.formats import FORMAT_NAMES, Format, parse_format
-
-    try:
-        fmt = parse_format(fmt_name)
-    except ValueError as e:
-        raise PlanError(f"{whose}: expert_format {fmt_name!r}: {e}") from None
-    widths = {"expert width (moe_intermediate_size)": cfg.moe_intermediate_size, "hidden_size": cfg.hidden_size}
-
-    def fits(f):
-        return all(n % f.spec.input_multiple(f.group_size) == 0 for n in widths.values())
-
-    if fits(fmt):
-        return
-    what, n = next((k, n) for k, n in widths.items() if n % fmt.spec.input_multiple(fmt.group_size))
-    candidates = [Format(fmt.name, g) for g in sorted(fmt.spec.group_sizes, reverse=True)]
-    other = next((str(f) for f in candidates + [parse_format(name) for name in FORMAT_NAMES] if fits(f)), None)
-    hint = (f"; plan one that fits: hybrid plan {folder} --experts {other} -o plan.yaml, then --plan plan.yaml"
-            if other else "")
-    raise PlanError(f"{folder}: {what} {n} is not a multiple of {fmt.spec.input_multiple(fmt.group_size)}, "
-                    f"which {whose}'s {fmt} experts need{hint}")
-
-
 def plan_for(ckpt: Checkpoint, plan_file, hw, grid: Grid, store=None):
     """The plan to profile: the file's, or the planner's for this machine with cache for the grid's longest
     run (in the store's format when a store is given: its experts are quantized already). Checked against the
     model and the grid here, before any weight is read."""
+    from placement.memory import check_expert_format
     from placement.plan_file import load_checked_plan, load_plan
     from placement.planner import PlanRequest, make_plan
 
@@ -162,7 +138,7 @@ def plan_for(ckpt: Checkpoint, plan_file, hw, grid: Grid, store=None):
     if need > cfg.max_position_embeddings:
         raise ConfigError(f"{asked}; {ckpt.folder} holds {cfg.max_position_embeddings} (max_position_embeddings)")
     if plan_file:
-        check_expert_width(cfg, load_plan(plan_file).settings.expert_format, f"plan {plan_file}", ckpt.folder)
+        check_expert_format(cfg, load_plan(plan_file).settings.expert_format, f"plan {plan_file}", ckpt.folder)
         plan = load_checked_plan(plan_file, cfg)
         if need > plan.settings.context_length:
             raise ConfigError(f"{asked}; plan {plan_file} reserves {plan.settings.context_length} (context_length)")
@@ -173,7 +149,7 @@ def plan_for(ckpt: Checkpoint, plan_file, hw, grid: Grid, store=None):
         from hybrid.read.expert_store import read_store_manifest
 
         request = replace(request, expert_format=read_store_manifest(store)["format"])
-    check_expert_width(cfg, request.expert_format, "the default plan", ckpt.folder)
+    check_expert_format(cfg, request.expert_format, "the default plan", ckpt.folder)
     return make_plan(cfg, str(ckpt.folder), hw, request).plan
 
 

@@ -10,7 +10,8 @@ group scales included, sizes from cpu_kernels.formats).
 import re
 from functools import lru_cache
 
-from cpu_kernels.formats import matrix_bytes, parse_format
+from cpu_kernels.formats import FORMAT_NAMES, Format, matrix_bytes, parse_format
+from hybrid.errors import PlanError
 from hybrid.read.config import ModelConfig
 from hybrid.read.names import expected_tensors, parse_expert_key
 
@@ -104,3 +105,38 @@ def largest_chunk(cfg: ModelConfig, context: int, budget_bytes: int, batch: int 
 
 def is_routed_expert(name: str) -> bool:
     return parse_expert_key(name) is not None
+
+
+def check_expert_format(cfg, fmt_name: str, whose: str, folder) -> None:
+    """The CPU kernels read an expert's inputs (hidden_size for gate and up, the expert width for down) in
+    whole groups of its format: refuse a model that does not divide, naming a format that fits."""
+    try:
+        fmt = parse_format(fmt_name)
+    except ValueError as e:
+        raise PlanError(f"{whose}: expert_format {fmt_name!r}: {e}") from None
+    widths = _expert_inputs(cfg)
+    if _fits(cfg, fmt):
+        return
+    what, n = next((k, n) for k, n in widths.items() if n % fmt.spec.input_multiple(fmt.group_size))
+    other = fitting_format(cfg, fmt.name)
+    hint = (f"; plan one that fits: hybrid plan {folder} --experts {other} -o plan.yaml, then --plan plan.yaml"
+            if other else "")
+    raise PlanError(f"{folder}: {what} {n} is not a multiple of {fmt.spec.input_multiple(fmt.group_size)}, "
+                    f"which {whose}'s {fmt} experts need{hint}")
+
+
+def _expert_inputs(cfg: ModelConfig) -> dict:
+    return {"expert width (moe_intermediate_size)": cfg.moe_intermediate_size, "hidden_size": cfg.hidden_size}
+
+
+def _fits(cfg: ModelConfig, fmt: Format) -> bool:
+    return all(n % fmt.spec.input_multiple(fmt.group_size) == 0 for n in _expert_inputs(cfg).values())
+
+
+def fitting_format(cfg: ModelConfig, preferred: str = "int4") -> str | None:
+    """The expert format nearest `preferred` that this model's widths divide: its own group sizes from the
+    largest down, then the other formats; None if none does."""
+    fmt = parse_format(preferred)
+    candidates = [Format(fmt.name, g) for g in sorted(fmt.spec.group_sizes, reverse=True)] or [fmt]
+    candidates += [parse_format(name) for name in FORMAT_NAMES]
+    return next((str(f) for f in candidates if _fits(cfg, f)), None)

@@ -49,6 +49,7 @@ import yaml
 
 from hybrid.errors import PlanError
 from placement.hardware import detect
+from placement.memory import check_expert_format
 from placement.plan import BACKINGS, Architecture, Plan, Rule, Settings, check_cache, check_rule, is_device
 from placement.planner import evaluate
 
@@ -98,6 +99,7 @@ def load_checked_plan(path, cfg, hw=None) -> Plan:
     kernel can compute it, within this machine's memory. What the runtime front ends call before any weight
     is read; the returned plan's `notes` are the check's warnings, for the front end to show."""
     plan = load_plan(path)
+    check_expert_format(cfg, plan.settings.expert_format, f"plan {path}", cfg.source)
     return replace(plan, notes=evaluate(plan, cfg, hw or detect()).notes)
 
 

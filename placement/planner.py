@@ -81,6 +81,7 @@ def load_routing_counts(path) -> dict[int, list[int]]:
 
 
 def make_plan(cfg: ModelConfig, model: str, hw: Hardware, req: PlanRequest = PlanRequest()) -> PlanResult:
+    memory.check_expert_format(cfg, req.expert_format, "the plan", model)
     ctx = req.context_length or min(cfg.max_position_embeddings, DEFAULT_CONTEXT)
     if ctx > cfg.max_position_embeddings:
         raise PlanError(f"context {ctx} exceeds the model's max_position_embeddings ({cfg.max_position_embeddings})")

@@ -21,7 +21,8 @@ def test_make_tiny_then_generate_json(tmp_path):
     r = run("make-tiny", out, "--layers", 2, "--experts", 8, "--top-k", 2, "--seed", 5)
     assert r.returncode == 0, r.stderr
     assert (out / "model.safetensors.index.json").is_file() and (out / "tiktoken.model").is_file()
-    r = run("generate", out, "--prompt-ids", "5,6,7,8", "--max-new-tokens", 6, "--temperature", 0, "--json")
+    r = run("generate", out, "--prompt-ids", "5,6,7,8", "--max-new-tokens", 6, "--temperature", 0, "--json",
+            "--reference")  # the plain torch model, as the library run below
     assert r.returncode == 0, r.stderr
     result = json.loads(r.stdout)
     assert result["prompt_ids"] == [5, 6, 7, 8] and result["finish_reason"] == "length"
@@ -54,6 +55,11 @@ def test_usage_errors_are_one_line(k2_tiny):
     assert r.returncode == 2 and "context overflow" in r.stderr
     r = run("generate", k2_tiny)
     assert r.returncode == 2 and "--prompt" in r.stderr
+    for args, words in ((("generate", k2_tiny, "--gen", "x"), "No such option '--gen'"),
+                        (("nosuch",), "No such command 'nosuch'"),
+                        (("generate", k2_tiny, "--prompt-ids", "1", "--seed", "x"), "'x' is not a valid integer")):
+        r = run(*args)
+        assert r.returncode == 2 and words in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
 
 
 def test_extreme_sampling_flags_are_one_line_or_work(k2_tiny):
@@ -66,16 +72,59 @@ def test_extreme_sampling_flags_are_one_line_or_work(k2_tiny):
     base = ["generate", str(k2_tiny), "--prompt-ids", "1,2,3", "--max-new-tokens", "2", "--json"]
     r = CliRunner().invoke(cli, base + ["--seed", "100000000000000000000000"])
     assert r.exit_code == 2 and "sampling parameter seed" in r.output and "Traceback" not in r.output
-    greedy = json.loads(CliRunner().invoke(cli, base + ["--temperature", "0"]).output)["generated_ids"]
+    greedy = json.loads(CliRunner().invoke(cli, base + ["--temperature", "0"]).stdout)["generated_ids"]
     for flags in (["--temperature", "1e-300"], ["--temperature", "2", "--top-p", "1e-300"]):
         r = CliRunner().invoke(cli, base + flags + ["--seed", "1"])
         assert r.exit_code == 0, r.output
-        assert json.loads(r.output)["generated_ids"] == greedy
+        assert json.loads(r.stdout)["generated_ids"] == greedy
+
+
+def test_no_plan_runs_the_hybrid_runtime_planned_for_this_machine(k2_tiny):
+    """`hybrid chat MODEL --prompt hi` without --plan: planned for this machine (said in one line), routed
+    experts on the CPU kernels; --reference is the plain torch model."""
+    from hybrid.generation.runtime import AUTO, open_runtime
+    from hybrid.run.experts import HybridExperts
+
+    r = run("chat", k2_tiny, "--prompt", "hi", "--max-new-tokens", 3)
+    assert r.returncode == 0, r.stderr
+    assert "no --plan: planned for this machine: routed experts int4-g128 on" in r.stderr and "-o plan.yaml" in r.stderr
+    moe = open_runtime(k2_tiny, AUTO).model.model.layers[1].mlp
+    assert isinstance(moe.experts, HybridExperts)
+    assert not isinstance(open_runtime(k2_tiny).model.model.layers[1].mlp.experts, HybridExperts)
+
+
+def test_model_names_that_are_not_folders_are_one_line(k2_tiny, tmp_path):
+    """A .gguf, another file, a missing folder, an uncached hub id offline: one line, exit code 2; a hub id in
+    the Hugging Face cache runs."""
+    import os
+    import shutil
+
+    (tmp_path / "K2.gguf").write_bytes(b"GGUF")
+    cases = [(tmp_path / "K2.gguf", "GGUF files cannot be run by this version yet"),
+             (k2_tiny / "config.json", "is a file; give the checkpoint folder"),
+             (tmp_path / "missing", "no such folder, and not a Hugging Face id"),
+             ("moonshotai/Kimi-K2-Instruct-0905", "not in the Hugging Face cache, and this machine is offline"),
+             ("unsloth/Kimi-K2-Instruct-0905-GGUF:UD-Q2_K_XL", "GGUF quant (UD-Q2_K_XL)")]
+    env = os.environ | {"HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1"}
+    for model, words in cases:
+        r = subprocess.run([HYBRID, "generate", str(model), "--prompt-ids", "1"], capture_output=True, text=True,
+                           timeout=120, env=env)
+        assert r.returncode == 2 and words in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    # huggingface_hub's cache layout: refs/main names the snapshot that holds the files
+    repo = tmp_path / "hf" / "hub" / "models--moonshotai--Kimi-K2-Instruct-0905"
+    shutil.copytree(k2_tiny, repo / "snapshots" / "0123abc")
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0123abc")
+    r = subprocess.run([HYBRID, "generate", "moonshotai/Kimi-K2-Instruct-0905", "--prompt-ids", "1,2",
+                        "--max-new-tokens", "2", "--json"], capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode == 0 and len(json.loads(r.stdout)["generated_ids"]) == 2, r.stderr
 
 
 def test_make_tiny_refuses_to_overwrite(k2_tiny):
     r = run("make-tiny", k2_tiny)
-    assert r.returncode == 2 and "not empty" in r.stderr
+    assert r.returncode == 2 and "not empty; add --overwrite to replace it" in r.stderr
+    r = run("-h")
+    assert r.returncode == 0 and "Commands:" in r.stdout
 
 
 def test_plan_convert_generate(k2_tiny, tmp_path):

@@ -188,3 +188,17 @@ def test_gpu_device_names_come_from_one_function():
     modules = [path for pkg in ("placement", "hybrid") for path in sorted((ROOT / pkg).rglob("*.py"))]
     spelled = [str(path.relative_to(ROOT)) for path in modules if any("cuda:0" in s for s in code_strings(path))]
     assert spelled == [], "name a GPU's device with placement.hardware.gpu_device(index)"
+
+
+def test_an_expert_width_the_format_does_not_divide(tmp_path):
+    """Width 96: int4-g128 is refused with the format that fits named; planning for this machine picks it."""
+    from hybrid.generation.runtime import plan_for_this_machine
+    from hybrid.read.checkpoint import Checkpoint
+    from hybrid.read.tiny import TinySpec, make_tiny
+
+    folder = make_tiny(tmp_path / "w96", TinySpec(layers=2, experts=8, top_k=2, moe_width=96))
+    cfg = Checkpoint.open(folder).config
+    with pytest.raises(PlanError, match="expert width \\(moe_intermediate_size\\) 96 is not a multiple of 128.*"
+                                        "--experts int4-g32"):
+        make_plan(cfg, str(folder), hw("none"), PlanRequest())
+    assert plan_for_this_machine(Checkpoint.open(folder)).plan.settings.expert_format == "int4-g32"

@@ -7,43 +7,24 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from hybrid.server.app import create_app
-from hybrid.server.service import ReplySplitter, load_service
-from live_server import Server, free_port
+from hybrid.server.service import ReplySplitter
+from live_server import free_port
+from served import client, server, service  # noqa: F401 (module fixtures)
 
 KEY = "test-key"
-
-
-@pytest.fixture(scope="module")
-def service(k2_tiny):
-    svc = load_service(k2_tiny, name="kimi-k2-tiny", max_concurrency=4, max_context=512)
-    yield svc
-    svc.engine.close()
-
-
-@pytest.fixture(scope="module")
-def server(service):
-    s = Server(create_app(service, api_key=KEY))
-    yield s
-    s.stop()
-
-
-@pytest.fixture(scope="module")
-def client(server):
-    from openai import OpenAI
-
-    return OpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=0, timeout=120)
+MODEL = "kimi-k2-tiny"  # the name it serves
+NAMES = (MODEL,)
 
 
 def test_models(client):
-    assert [m.id for m in client.models.list().data] == ["kimi-k2-tiny"]
+    assert [m.id for m in client.models.list().data] == [MODEL]
 
 
 def test_model_card_chat_example(client):
     # Kimi-K2-Instruct-0905's first model-card example: system prompt and content parts.
     messages = [{"role": "system", "content": "You are Kimi, an AI assistant created by Moonshot AI."},
                 {"role": "user", "content": [{"type": "text", "text": "Please give a brief self-introduction."}]}]
-    r = client.chat.completions.create(model="kimi-k2-tiny", messages=messages, temperature=0.6, max_tokens=12)
+    r = client.chat.completions.create(model=MODEL, messages=messages, temperature=0.6, max_tokens=12)
     choice = r.choices[0]
     assert choice.message.role == "assistant" and isinstance(choice.message.content, str)
     assert choice.finish_reason in ("stop", "length")
@@ -53,8 +34,8 @@ def test_model_card_chat_example(client):
 
 def test_streamed_equals_non_streamed_at_temperature_0(client):
     msgs = [{"role": "user", "content": "Hello"}]
-    whole = client.chat.completions.create(model="m", messages=msgs, temperature=0, max_tokens=10)
-    chunks = list(client.chat.completions.create(model="m", messages=msgs, temperature=0, max_tokens=10,
+    whole = client.chat.completions.create(model=MODEL, messages=msgs, temperature=0, max_tokens=10)
+    chunks = list(client.chat.completions.create(model=MODEL, messages=msgs, temperature=0, max_tokens=10,
                                                  stream=True, stream_options={"include_usage": True}))
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert chunks[0].choices[0].delta.role == "assistant"
@@ -64,7 +45,7 @@ def test_streamed_equals_non_streamed_at_temperature_0(client):
 
 
 def test_max_tokens_gives_length(client):
-    r = client.chat.completions.create(model="m", messages=[{"role": "user", "content": "Hi"}], temperature=0,
+    r = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Hi"}], temperature=0,
                                        max_tokens=3, stop=None)
     if r.choices[0].finish_reason == "length":
         assert r.usage.completion_tokens == 3
@@ -72,11 +53,11 @@ def test_max_tokens_gives_length(client):
 
 def test_stop_strings(client):
     msgs = [{"role": "user", "content": "Hi"}]
-    free = client.completions.create(model="m", prompt="abc", temperature=0, max_tokens=12).choices[0].text
+    free = client.completions.create(model=MODEL, prompt="abc", temperature=0, max_tokens=12).choices[0].text
     stop = next(free[i:i + 2] for i in range(1, len(free) - 1) if free[i:i + 2].strip() and free[i:i + 2].isprintable())
-    cut = client.completions.create(model="m", prompt="abc", temperature=0, max_tokens=12, stop=[stop])
+    cut = client.completions.create(model=MODEL, prompt="abc", temperature=0, max_tokens=12, stop=[stop])
     assert cut.choices[0].text == free[:free.index(stop)] and cut.choices[0].finish_reason == "stop"
-    assert client.chat.completions.create(model="m", messages=msgs, max_tokens=4, stop="zz").choices
+    assert client.chat.completions.create(model=MODEL, messages=msgs, max_tokens=4, stop="zz").choices
 
 
 def test_model_card_tool_loop_runs_verbatim(client):
@@ -88,7 +69,7 @@ def test_model_card_tool_loop_runs_verbatim(client):
     messages = [{"role": "user", "content": "What's the weather like in Beijing today? Use the tool to check."}]
     finish_reason, rounds = None, 0
     while finish_reason is None or finish_reason == "tool_calls":
-        completion = client.chat.completions.create(model="kimi-k2-tiny", messages=messages, temperature=0.6,
+        completion = client.chat.completions.create(model=MODEL, messages=messages, temperature=0.6,
                                                     tools=tools, tool_choice="auto", max_tokens=8)
         choice = completion.choices[0]
         finish_reason = choice.finish_reason
@@ -125,7 +106,7 @@ def test_forced_output_through_the_parser_path():
 
 def test_named_tool_choice_forces_a_call_section(client):
     tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]
-    r = client.chat.completions.create(model="m", messages=[{"role": "user", "content": "x"}], tools=tools,
+    r = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}], tools=tools,
                                        tool_choice={"type": "function", "function": {"name": "f"}}, max_tokens=6)
     assert r.choices[0].finish_reason in ("tool_calls", "stop", "length")  # random weights: maybe malformed
 
@@ -134,7 +115,7 @@ def test_concurrent_streams_are_independent(client):
     prompts = [f"request number {i}" for i in range(8)]
 
     def run(p, stream):
-        kw = dict(model="m", messages=[{"role": "user", "content": p}], temperature=0, max_tokens=8)
+        kw = dict(model=MODEL, messages=[{"role": "user", "content": p}], temperature=0, max_tokens=8)
         if not stream:
             return client.chat.completions.create(**kw).choices[0].message.content
         return "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(stream=True, **kw)
@@ -149,7 +130,7 @@ def test_concurrent_streams_are_independent(client):
 def test_disconnect_frees_the_slot(server, service):
     import http.client
 
-    body = {"model": "m", "messages": [{"role": "user", "content": "go"}], "max_tokens": 200, "stream": True}
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "go"}], "max_tokens": 200, "stream": True}
     conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
     conn.request("POST", "/v1/chat/completions", json.dumps(body),
                  {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"})
@@ -165,11 +146,11 @@ def test_disconnect_frees_the_slot(server, service):
 def test_anthropic_messages(server):
     anthropic = pytest.importorskip("anthropic")
     a = anthropic.Anthropic(base_url=server.url, api_key=KEY, max_retries=0)
-    r = a.messages.create(model="m", max_tokens=8, system="Be brief.",
+    r = a.messages.create(model=MODEL, max_tokens=8, system="Be brief.",
                           messages=[{"role": "user", "content": "Hello"}])
     assert r.role == "assistant" and r.content[0].type == "text" and r.stop_reason in ("end_turn", "max_tokens")
     assert r.usage.input_tokens > 5 and 1 <= r.usage.output_tokens <= 8
-    with a.messages.stream(model="m", max_tokens=6, messages=[{"role": "user", "content": "Hi"}]) as s:
+    with a.messages.stream(model=MODEL, max_tokens=6, messages=[{"role": "user", "content": "Hi"}]) as s:
         text = "".join(s.text_stream)
         final = s.get_final_message()
     assert isinstance(text, str) and final.usage.output_tokens >= 1
@@ -179,7 +160,7 @@ def test_anthropic_messages(server):
                                                   "name": "get_weather", "input": {"city": "Beijing"}}]},
                {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "functions.get_weather:0",
                                              "content": "Sunny"}]}]
-    assert a.messages.create(model="m", max_tokens=4, tools=tools, messages=history).stop_reason
+    assert a.messages.create(model=MODEL, max_tokens=4, tools=tools, messages=history).stop_reason
 
 
 def raw(server, path, body=None, key=KEY, data=None):
@@ -208,6 +189,8 @@ BAD = [
     ("prompt beyond context", dict(body={"messages": [{"role": "user", "content": "x" * 600}]}), 400, "context"),
     ("bad tool_choice", dict(body={"messages": [{"role": "user", "content": "x"}], "tool_choice": "sometimes",
                                    "tools": [{"type": "function", "function": {"name": "f"}}]}), 400, "tool_choice"),
+    ("unknown model", dict(body={"model": "gpt-4", "messages": [{"role": "user", "content": "x"}]}), 404,
+     "The model `gpt-4` does not exist."),
 ]
 
 
@@ -239,17 +222,19 @@ def test_anthropic_errors_have_anthropic_shape(server):
 
 
 def test_health_and_metrics(server, client):
-    code, text = raw(server, "/health")
+    code, text = raw(server, "/health", key=None)
     assert code == 200 and json.loads(text)["status"] == "ok"
     code, text = raw(server, "/metrics")
     assert code == 200
     values = dict(line.split() for line in text.splitlines() if not line.startswith("#"))
-    assert int(values["hybrid_requests_total"]) > 0 and int(values["hybrid_generated_tokens_total"]) > 0
+    assert float(values["hybrid_requests_total"]) > 0 and float(values["hybrid_generated_tokens_total"]) > 0
     assert "hybrid_queue_depth" in values and "hybrid_decode_tokens_per_second" in values
 
 
 def test_hybrid_serve_command(k2_tiny):
-    """The console command as a user starts it: a real process serving on a loopback port."""
+    """The console command as a user starts it: a real process serving on a loopback port, saying where once
+    the port is bound, logging one line per request (uvicorn's access log stays off)."""
+    import re
     import signal
     import subprocess
     import sys
@@ -257,14 +242,15 @@ def test_hybrid_serve_command(k2_tiny):
 
     port = free_port()
     proc = subprocess.Popen([str(Path(sys.executable).parent / "hybrid"), "serve", str(k2_tiny), "--port", str(port),
-                             "--served-model-name", "tiny", "--max-context", "512"], stderr=subprocess.PIPE, text=True)
+                             "--served-model-name", "tiny", "--served-model-name", "k2", "--max-context", "512"],
+                            stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 120
         while True:
             assert proc.poll() is None, proc.stderr.read()
             try:
                 with urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models", timeout=2) as r:
-                    assert json.loads(r.read())["data"][0]["id"] == "tiny"
+                    assert [m["id"] for m in json.loads(r.read())["data"]] == ["tiny", "k2"]
                     break
             except OSError:
                 assert time.monotonic() < deadline, "hybrid serve did not come up"
@@ -272,6 +258,10 @@ def test_hybrid_serve_command(k2_tiny):
     finally:
         proc.send_signal(signal.SIGINT)
         proc.wait(timeout=30)
+    log = proc.stderr.read()
+    assert f"serving tiny on http://127.0.0.1:{port} (chat page at /, API at /v1; 4 concurrent, context 512)" in log
+    assert re.search(r" INFO GET /v1/models 200 in=0 out=0 ttft=- total=\d+\.\d{3}s\n", log), log
+    assert "HTTP/1.1" not in log, log
 
 
 def test_request_sampling_reaches_the_sampler(client, service, server):
@@ -288,11 +278,11 @@ def test_request_sampling_reaches_the_sampler(client, service, server):
         return stats.text
 
     assert library(**kw) != library(**(kw | {"top_k": 0, "min_p": 0.0}))  # the filters change this draw
-    r = client.completions.create(model="m", prompt=ids, max_tokens=12, temperature=1.0, seed=7,
+    r = client.completions.create(model=MODEL, prompt=ids, max_tokens=12, temperature=1.0, seed=7,
                                   extra_body={"top_k": 3, "min_p": 0.05})
     assert r.choices[0].text == library(**kw)
     # Anthropic's top_k (its API has no seed): top_k=1 at any temperature is the greedy reply
     body = {"max_tokens": 12, "temperature": 1.0, "top_k": 1, "messages": [{"role": "user", "content": "Hi"}]}
-    greedy = client.chat.completions.create(model="m", messages=body["messages"], max_tokens=12, temperature=0)
+    greedy = client.chat.completions.create(model=MODEL, messages=body["messages"], max_tokens=12, temperature=0)
     code, text = raw(server, "/v1/messages", body)
     assert code == 200 and json.loads(text)["content"][0]["text"] == greedy.choices[0].message.content

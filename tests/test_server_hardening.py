@@ -10,26 +10,14 @@ import urllib.request
 
 import pytest
 
-from hybrid.server.app import create_app, serve
+from hybrid.server.app import bind, serve
 from hybrid.server.service import ServeError, load_service
-from live_server import Server, free_port
+from live_server import free_port
+from served import server, service  # noqa: F401 (module fixtures)
 
 KEY = "k"
+NAMES = ("tiny",)
 HELLO = {"messages": [{"role": "user", "content": "Hello"}], "max_tokens": 3}
-
-
-@pytest.fixture(scope="module")
-def service(k2_tiny):
-    svc = load_service(k2_tiny, name="tiny", max_concurrency=4, max_context=512)
-    yield svc
-    svc.close()
-
-
-@pytest.fixture(scope="module")
-def server(service):
-    s = Server(create_app(service, api_key=KEY))
-    yield s
-    s.stop()
 
 
 def call(port, method, path, body=None, headers=None, raw: bytes | None = None, timeout=60):
@@ -178,7 +166,7 @@ def test_error_shapes_of_what_fastapi_would_answer_itself(server):
 @pytest.mark.parametrize("header,status", [(KEY, 401), (f"Basic {KEY}", 401), (f"bearer {KEY}", 200),
                                            (f"BEARER  {KEY}", 200), ("Bearer", 401)])
 def test_authorization_scheme(server, header, status):
-    assert call(server.port, "GET", "/health", headers={"Authorization": header})[0] == status
+    assert call(server.port, "GET", "/v1/models", headers={"Authorization": header})[0] == status
 
 
 def test_template_errors_do_not_show_server_paths(k2_copy):
@@ -211,8 +199,9 @@ class DeviceFault:
 def test_an_engine_failure_fails_health_and_stops_the_server(k2_tiny):
     svc = load_service(k2_tiny, max_context=96)
     fault = DeviceFault(svc.model)
-    port, result = free_port(), {}
-    thread = threading.Thread(target=lambda: result.update(failure=serve(svc, "127.0.0.1", port)), daemon=True)
+    sock, result = bind("127.0.0.1", free_port()), {}
+    port = sock.getsockname()[1]
+    thread = threading.Thread(target=lambda: result.update(failure=serve(svc, sock)), daemon=True)
     thread.start()
     deadline = time.monotonic() + 30
     while True:
@@ -234,7 +223,7 @@ def test_an_engine_failure_fails_health_and_stops_the_server(k2_tiny):
 
 def test_hybrid_serve_exits_on_sigterm_with_requests_open(k2_tiny):
     """SIGTERM ends the process within the grace period although clients still wait (three 500-token requests
-    on one slot take about three times that long here)."""
+    on one slot take about three times that long here); --log-level warning keeps the request lines out."""
     import signal
     import subprocess
     import sys
@@ -244,7 +233,7 @@ def test_hybrid_serve_exits_on_sigterm_with_requests_open(k2_tiny):
 
     port = free_port()
     proc = subprocess.Popen([str(Path(sys.executable).parent / "hybrid"), "serve", str(k2_tiny), "--port", str(port),
-                             "--max-concurrency", "1"], stderr=subprocess.PIPE, text=True)
+                             "--max-concurrency", "1", "--log-level", "warning"], stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 120
         while True:
@@ -264,6 +253,8 @@ def test_hybrid_serve_exits_on_sigterm_with_requests_open(k2_tiny):
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=60)
         assert time.monotonic() - start < GRACEFUL_SHUTDOWN_S + 4
+        log = proc.stderr.read()
+        assert "serving" in log and "/v1/completions" not in log and "/health" not in log, log
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -282,6 +273,8 @@ JSON = st.recursive(st.none() | st.booleans() | st.integers(-(1 << 70), 1 << 70)
                     lambda inner: st.lists(inner, max_size=3) | st.dictionaries(TEXT, inner, max_size=3),
                     max_leaves=6)
 # max_tokens: 1 to 3, or junk that is no small positive integer (a fuzzed 700-token reply would only cost time)
+SERVED = ("tiny", "k2-tiny", "")  # its name, its folder's, none
+MODEL_NAMES = st.one_of(st.sampled_from(SERVED), TEXT)
 FEW_TOKENS = st.integers(0, 9).flatmap(
     lambda i: JSON.filter(lambda v: not (isinstance(v, int) and 4 <= v <= 1000)) if i == 9 else st.integers(1, 3))
 
@@ -314,7 +307,7 @@ CHAT = obj({"messages": st.lists(CHAT_MESSAGE, min_size=1, max_size=3), "max_tok
                              obj({"type": st.just("function"), "function": obj({"name": TEXT}, {})}, {})),
     "temperature": st.floats(0, 2), "top_p": st.floats(0, 1), "seed": st.integers(-(1 << 65), 1 << 65),
     "stop": st.one_of(TEXT, st.lists(TEXT, max_size=2)), "stream": st.booleans(), "n": st.integers(0, 2),
-    "stream_options": obj({}, {"include_usage": st.booleans()}), "model": TEXT})
+    "stream_options": obj({}, {"include_usage": st.booleans()}), "model": MODEL_NAMES})
 ANTHROPIC_MESSAGE = obj({"role": st.sampled_from(["user", "assistant"]),
                          "content": st.one_of(TEXT, st.lists(PART, max_size=3))}, {})
 MESSAGES = obj({"messages": st.lists(ANTHROPIC_MESSAGE, min_size=1, max_size=3), "max_tokens": FEW_TOKENS}, {
@@ -323,13 +316,15 @@ MESSAGES = obj({"messages": st.lists(ANTHROPIC_MESSAGE, min_size=1, max_size=3),
                       max_size=2),
     "tool_choice": obj({"type": st.sampled_from(["auto", "any", "tool", "none"])}, {"name": TEXT}),
     "temperature": st.floats(0, 1), "top_p": st.floats(0, 1), "stop_sequences": st.lists(TEXT, max_size=2),
-    "stream": st.booleans(), "model": TEXT})
+    "stream": st.booleans(), "model": MODEL_NAMES})
 
 
 def assert_answered(port, path, body):
-    """No 500, and a 200 stream ends as the API says (never with a server error inside)."""
+    """No 500, a 404 only for a model it does not serve, and a 200 stream ends as the API says (never with a
+    server error inside)."""
     status, headers, text = call(port, "POST", path, raw=json.dumps(body).encode(), timeout=30)
-    assert status in (200, 400), (status, text)
+    unknown = isinstance(body.get("model"), str) and body["model"] not in SERVED
+    assert status in (200, 400) or (status == 404 and unknown and "does not exist" in text), (status, text)
     if status == 400 or not headers.get("content-type", "").startswith("text/event-stream"):
         json.loads(text)
         return

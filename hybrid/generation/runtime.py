@@ -113,12 +113,14 @@ def plan_for_this_machine(ckpt: Checkpoint, store=None):
     from placement.planner import PlanRequest, make_plan
     from placement.resolve import resolve_hardware
 
-    request = PlanRequest()
+    from placement.memory import fitting_format
+
+    # A model whose widths int4-g128 does not divide gets the nearest format that does (a smaller group).
+    request = PlanRequest(expert_format=fitting_format(ckpt.config) or "int4")
     if store is not None:
         from hybrid.read.expert_store import read_store_manifest
 
-        manifest = read_store_manifest(store)
-        request = PlanRequest(expert_format=manifest["format"])
+        request = PlanRequest(expert_format=read_store_manifest(store)["format"])
     return make_plan(ckpt.config, str(ckpt.folder), resolve_hardware(), request)
 
 

@@ -56,3 +56,13 @@ def _from_hub(repo: str) -> Path:
                               "its folder") from None
     except (HfHubHTTPError, OSError) as e:
         raise CheckpointError(f"{repo}: download failed ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+
+
+def display_name(folder) -> str:
+    """What to call a model: its hub id for a Hugging Face cache snapshot (the folder itself is named for a
+    commit hash), else the folder's name."""
+    folder = Path(folder)
+    repo = folder.parent.parent.name
+    if folder.parent.name == "snapshots" and repo.startswith("models--"):
+        return repo.removeprefix("models--").replace("--", "/", 1)
+    return folder.name

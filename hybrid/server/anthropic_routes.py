@@ -10,7 +10,8 @@ from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
 from hybrid.server.schemas import AnthropicRequest
-from hybrid.server.service import ReplySplitter, ServeError, error_events, forced_prefix, tool_arguments
+from hybrid.server.service import (ReplySplitter, ServeError, anthropic_kind, error_events, forced_prefix,
+                                   tool_arguments)
 from hybrid.generation.tools import Text, ToolCall
 
 router = APIRouter()
@@ -78,6 +79,7 @@ def choice_of(req: AnthropicRequest):
 @router.post("/v1/messages")
 async def messages(body: AnthropicRequest, request: Request):
     svc = request.app.state.service
+    model = svc.model_name(body.model)
     choice = choice_of(body)
     tools = tools_of(body) if choice != "none" else None
     prefix = forced_prefix(choice, tools)
@@ -86,7 +88,7 @@ async def messages(body: AnthropicRequest, request: Request):
     params = svc.params(len(ids), body.max_tokens, temperature=temperature, top_p=body.top_p, top_k=body.top_k)
     splitter = ReplySplitter(parse=bool(tools), prefix=prefix)
     steps = await svc.run(ids, params, body.stop_sequences or [], request)
-    head = {"id": f"msg_{uuid.uuid4().hex[:24]}", "type": "message", "role": "assistant", "model": svc.name}
+    head = {"id": f"msg_{uuid.uuid4().hex[:24]}", "type": "message", "role": "assistant", "model": model}
     if body.stream:
         return StreamingResponse(error_events(_events(steps, splitter, head, len(ids), body), _error_event),
                                  media_type="text/event-stream")
@@ -110,8 +112,7 @@ def _event(kind: str, data: dict) -> str:
 
 def _error_event(e: ServeError) -> str:
     """Anthropic's in-stream error event (its clients raise on it)."""
-    kind = "overloaded_error" if e.status == 503 else "api_error" if e.status >= 500 else e.kind
-    return _event("error", {"error": {"type": kind, "message": e.message}})
+    return _event("error", {"error": {"type": anthropic_kind(e.status), "message": e.message}})
 
 
 async def _events(steps, splitter, head, n_prompt, body):

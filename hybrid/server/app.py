@@ -1,19 +1,24 @@
 """The ASGI app: routes of both wire formats, bearer-key auth, request limits, errors as JSON in each
-format's own shape (never a traceback, never a server path), /health and Prometheus /metrics; `serve` runs
-it under uvicorn and stops the process when the engine fails."""
+format's own shape (never a traceback, never a server path), /health, Prometheus /metrics, a log line per
+request and the chat page at /; `bind` takes the port before the model loads, and `serve` runs the app under
+uvicorn on that socket and stops the process when the engine fails."""
 
+import errno
 import hmac
 import json
 import logging
+import socket
+from importlib import resources
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 from starlette.exceptions import HTTPException
 
-from hybrid.errors import HybridError
+from hybrid.errors import ConfigError, HybridError
 from hybrid.server import anthropic_routes, openai_routes
-from hybrid.server.service import ServeError
+from hybrid.server.observe import AccessLog, Metrics
+from hybrid.server.service import ServeError, anthropic_kind
 
 log = logging.getLogger("hybrid.serve")
 MAX_BODY_BYTES = 4 << 20
@@ -21,11 +26,16 @@ MAX_MESSAGES = 1024
 GRACEFUL_SHUTDOWN_S = 5  # on SIGTERM/SIGINT, open requests get this long before their connections are closed
 HTTP_KINDS = {401: "authentication_error", 404: "not_found_error", 405: "invalid_request_error",
               413: "invalid_request_error"}
+# Open without the API key: probes and load balancers hold no key, and the chat page asks for it itself.
+OPEN_PATHS = frozenset({"/", "/health"})
+# The page's script and style are inline in the one file; it talks to this server only.
+PAGE_POLICY = ("default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; connect-src 'self'; "
+               "img-src data:; base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
 
 
 def error_body(path: str, status: int, message: str, kind: str, param=None, code=None) -> dict:
     if path.startswith("/v1/messages"):
-        return {"type": "error", "error": {"type": kind, "message": message}}
+        return {"type": "error", "error": {"type": anthropic_kind(status), "message": message}}
     return {"error": {"message": message, "type": kind, "param": param, "code": code}}
 
 
@@ -42,7 +52,7 @@ class Guard:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         path, headers = scope["path"], {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
-        if self.api_key is not None and not self._authorized(headers):
+        if self.api_key is not None and path not in OPEN_PATHS and not self._authorized(headers):
             return await _reply(send, path, 401, "missing or wrong API key (Authorization: Bearer KEY)",
                                 "authentication_error", code="invalid_api_key")
         size = headers.get("content-length")
@@ -86,7 +96,10 @@ def create_app(service, api_key: str | None = None, max_body_bytes: int = MAX_BO
     app.state.service = service
     app.include_router(openai_routes.router)
     app.include_router(anthropic_routes.router)
+    metrics = Metrics(service)
     app.add_middleware(Guard, api_key=api_key, max_body_bytes=max_body_bytes)
+    app.add_middleware(AccessLog, metrics=metrics)  # added last: the outermost, so it sees refusals too
+    page = resources.files("hybrid.server").joinpath("chat.html").read_text(encoding="utf-8")
 
     def reply(request: Request, status: int, message: str, kind: str, param=None, code=None) -> JSONResponse:
         return JSONResponse(error_body(request.url.path, status, message, kind, param, code), status_code=status)
@@ -128,34 +141,55 @@ def create_app(service, api_key: str | None = None, max_body_bytes: int = MAX_BO
         return JSONResponse(body, status_code=200 if engine.healthy else 503)
 
     @app.get("/metrics")
-    async def metrics():
-        c, e = service.counters, service.engine
-        lines = [
-            "# TYPE hybrid_requests_total counter", f"hybrid_requests_total {c.requests}",
-            "# TYPE hybrid_prompt_tokens_total counter", f"hybrid_prompt_tokens_total {c.prompt_tokens}",
-            "# TYPE hybrid_generated_tokens_total counter", f"hybrid_generated_tokens_total {c.generated_tokens}",
-            "# TYPE hybrid_errors_total counter", f"hybrid_errors_total {c.errors}",
-            "# TYPE hybrid_decode_tokens_per_second gauge",
-            f"hybrid_decode_tokens_per_second {c.tokens_per_s():.3f}",
-            "# TYPE hybrid_queue_depth gauge", f"hybrid_queue_depth {e.queue_depth}",
-            "# TYPE hybrid_active_requests gauge", f"hybrid_active_requests {len(e.active)}",
-            "# TYPE hybrid_decode_steps_total counter", f"hybrid_decode_steps_total {e.steps}",
-        ]
-        return PlainTextResponse("\n".join(lines) + "\n", media_type="text/plain; version=0.0.4")
+    async def prometheus():
+        return Response(metrics.render(), media_type=metrics.content_type)
+
+    @app.get("/", include_in_schema=False)
+    async def chat_page():
+        return HTMLResponse(page, headers={"Content-Security-Policy": PAGE_POLICY})
 
     return app
 
 
-def serve(service, host: str, port: int, api_key: str | None = None) -> BaseException | None:
-    """Serve until SIGINT/SIGTERM or an engine failure; returns the engine's failure when that is what ended
-    it. Open requests get GRACEFUL_SHUTDOWN_S to finish, then the engine ends what is left with an error."""
+def bind(host: str, port: int) -> socket.socket:
+    """The listening socket, taken before the model loads (minutes for K2): a bad port, a port in use or an
+    address this machine does not have is one ConfigError at once, and uvicorn later accepts on this socket,
+    so nothing can take the port in between."""
+    if not 0 < port < 65536:
+        raise ConfigError(f"--port {port}: a TCP port is 1 to 65535")
+    try:
+        family, kind, _, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                         flags=socket.AI_PASSIVE)[0]
+    except socket.gaierror as e:
+        raise ConfigError(f"--host {host}: {e.strerror}") from None
+    sock = socket.socket(family, kind)
+    # As uvicorn does: a restart may rebind at once (TIME_WAIT), while a live listener still refuses.
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(address)
+        sock.listen()
+    except OSError as e:
+        sock.close()
+        if e.errno == errno.EADDRINUSE:
+            raise ConfigError(f"port {port} on {host} is in use (another server?); choose one with --port") from None
+        raise ConfigError(f"cannot listen on {host}:{port}: {e.strerror}") from None
+    return sock
+
+
+def serve(service, sock: socket.socket, api_key: str | None = None, log_level: str = "info") -> BaseException | None:
+    """Serve on `sock` (from `bind`) until SIGINT/SIGTERM or an engine failure; returns the engine's failure
+    when that is what ended it. Open requests get GRACEFUL_SHUTDOWN_S to finish, then the engine ends what is
+    left with an error (uvicorn then ends the process at once: those requests write no log line). uvicorn's
+    access log stays off (AccessLog writes ours), and its own lines show from warning up, all of them at debug
+    (at info they only repeat what `hybrid serve` prints)."""
     import uvicorn
 
-    server = uvicorn.Server(uvicorn.Config(create_app(service, api_key=api_key), host=host, port=port,
-                                           log_level="warning", timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S))
+    own_level = log_level if log_level in ("debug", "error") else "warning"
+    server = uvicorn.Server(uvicorn.Config(create_app(service, api_key=api_key), access_log=False, log_level=own_level,
+                                           timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S))
     service.engine.on_failure = lambda e: setattr(server, "should_exit", True)  # uvicorn polls it
     try:
-        server.run()
+        server.run(sockets=[sock])
     finally:
         service.close()
     return service.engine.failure

@@ -64,13 +64,15 @@ def sse_error(e: ServeError) -> str:
 @router.get("/v1/models")
 async def models(request: Request):
     svc = request.app.state.service
-    return {"object": "list", "data": [{"id": svc.name, "object": "model", "created": svc.created,
-                                        "owned_by": "hybrid", "max_model_len": svc.max_context}]}
+    return {"object": "list", "data": [{"id": name, "object": "model", "created": svc.created,
+                                        "owned_by": "hybrid", "max_model_len": svc.max_context}
+                                       for name in svc.names]}
 
 
 @router.post("/v1/chat/completions")
 async def chat_completions(body: ChatRequest, request: Request):
     svc = request.app.state.service
+    model = svc.model_name(body.model)
     if body.n != 1:
         raise ServeError(400, "only n=1 is supported", "n")
     tools = tools_of(body)
@@ -79,7 +81,7 @@ async def chat_completions(body: ChatRequest, request: Request):
     params = svc.params(len(ids), body.max_completion_tokens or body.max_tokens, **sampling_of(body))
     stop = [body.stop] if isinstance(body.stop, str) else (body.stop or [])
     splitter = ReplySplitter(parse=bool(tools), prefix=prefix)
-    head = {"id": f"chatcmpl-{uuid.uuid4().hex[:24]}", "created": int(time.time()), "model": svc.name}
+    head = {"id": f"chatcmpl-{uuid.uuid4().hex[:24]}", "created": int(time.time()), "model": model}
     steps = await svc.run(ids, params, stop, request, ignore_eos=body.ignore_eos)
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
@@ -121,6 +123,7 @@ async def _chat_chunks(steps, splitter, head, n_prompt, include_usage):
 @router.post("/v1/completions")
 async def completions(body: CompletionRequest, request: Request):
     svc = request.app.state.service
+    model = svc.model_name(body.model)
     if body.n != 1:
         raise ServeError(400, "only n=1 is supported", "n")
     ids = body.prompt if isinstance(body.prompt, list) else svc.tokenizer.encode(body.prompt, allow_special=True)
@@ -129,7 +132,7 @@ async def completions(body: CompletionRequest, request: Request):
     params = svc.params(len(ids), body.max_tokens, **sampling_of(body))
     stop = [body.stop] if isinstance(body.stop, str) else (body.stop or [])
     head = {"id": f"cmpl-{uuid.uuid4().hex[:24]}", "object": "text_completion", "created": int(time.time()),
-            "model": svc.name}
+            "model": model}
     steps = await svc.run(ids, params, stop, request, "prompt", body.ignore_eos)
     if body.stream:
         return StreamingResponse(error_events(_completion_chunks(steps, head, len(ids), body), sse_error),

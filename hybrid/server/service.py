@@ -1,6 +1,7 @@
 """What both wire formats share: prompts from messages through the checkpoint's chat template, sampling
 parameters within the server's limits, requests run through the engine (awaited from asyncio, cancelled when
-the client goes away), K2's output split into text and tool calls, and the counters /metrics shows.
+the client goes away), K2's output split into text and tool calls, the model names it answers to, and the
+counters /metrics shows.
 
 A request's errors reach its client in that API's shape: raised as ServeError before the first token (so the
 client gets an HTTP status: `Service.run` waits for the first step before a response starts), and as one
@@ -17,6 +18,7 @@ from hybrid.generation.engine import Engine, Request
 from hybrid.errors import EngineError, GenerationError
 from hybrid.generation.sampling import SamplingParams
 from hybrid.generation.tools import ARGUMENT_BEGIN, CALL_BEGIN, SECTION_BEGIN, Text, ToolCall, ToolCallStream, Warn
+from hybrid.server.observe import trace_of
 
 RATE_WINDOW_S = 60.0
 DISCONNECT_POLL_S = 0.5  # how often a waiting request asks whether its client is still there
@@ -30,6 +32,15 @@ class ServeError(Exception):
                  kind: str = "invalid_request_error"):
         super().__init__(message)
         self.status, self.message, self.param, self.code, self.kind = status, message, param, code, kind
+
+
+# Anthropic names its error types by HTTP status, whatever the cause.
+ANTHROPIC_KINDS = {401: "authentication_error", 403: "permission_error", 404: "not_found_error",
+                   413: "request_too_large", 429: "rate_limit_error", 503: "overloaded_error"}
+
+
+def anthropic_kind(status: int) -> str:
+    return ANTHROPIC_KINDS.get(status, "api_error" if status >= 500 else "invalid_request_error")
 
 
 @dataclass
@@ -65,10 +76,14 @@ class Counters:
 
 
 class Service:
-    def __init__(self, runtime, name: str, max_concurrency: int = 4, max_context: int | None = None):
+    def __init__(self, runtime, names: tuple[str, ...], max_concurrency: int = 4, max_context: int | None = None,
+                 also_accepted: tuple[str, ...] = ()):
         """runtime: an opened hybrid.generation.runtime.Runtime (it needs a tokenizer and a chat template);
-        max_context: positions per request, at most the runtime's limit."""
-        self.runtime, self.name = runtime, name
+        names: the model names the API lists (the first is the main one); also_accepted: names a request's
+        `model` may give besides them (the checkpoint folder's); max_context: positions per request, at most
+        the runtime's limit."""
+        self.runtime, self.names = runtime, tuple(names)
+        self.accepted = frozenset(self.names + tuple(also_accepted))
         self.model, self.tokenizer, self.template = runtime.model, runtime.tokenizer, runtime.chat_template()
         self.engine = Engine(runtime.model, runtime.tokenizer, max_batch=max_concurrency,
                              max_context=min(max_context or runtime.max_context, runtime.max_context),
@@ -78,8 +93,22 @@ class Service:
         self.created = int(time.time())
 
     @property
+    def name(self) -> str:
+        return self.names[0]
+
+    @property
     def max_context(self) -> int:
         return self.engine.max_context
+
+    def model_name(self, requested: str | None) -> str:
+        """The name a reply reports for a request's `model`: that name when it is one this server lists, the
+        main name when the request names none or the checkpoint folder; vLLM's 404 for any other."""
+        if requested in self.names:
+            return requested
+        if not requested or requested in self.accepted:
+            return self.name
+        raise ServeError(404, f"The model `{requested}` does not exist.", "model", "model_not_found",
+                         kind="NotFoundError")
 
     def close(self):
         self.engine.close()
@@ -125,6 +154,7 @@ class Service:
         self.counters.requests += 1
         self.counters.prompt_tokens += len(ids)
         run = Run(self, q, req, http_request)
+        run.trace.prompt_tokens = len(ids)
         try:
             run.step = await run.next_step()
         except BaseException:
@@ -141,6 +171,7 @@ class Run:
     def __init__(self, service: Service, q: asyncio.Queue, req: Request, http_request):
         self.service, self.q, self.req, self.http_request = service, q, req, http_request
         self.step = None  # the next Step to hand out (the first one is fetched by Service.run)
+        self.trace = trace_of(http_request)  # for the access log and the latency histograms
         self.asked = time.monotonic()  # when the client was last asked whether it is still there
 
     def __aiter__(self):
@@ -174,6 +205,7 @@ class Run:
                 self.service.counters.errors += 1
                 raise _serve_error(step)
             self.service.counters.add_generated(1)
+            self.trace.token()
             return step
 
     async def _client_gone(self) -> bool:
@@ -277,11 +309,14 @@ def tool_arguments(call: ToolCall) -> dict:
         return {"raw": call.arguments}
 
 
-def load_service(folder, plan_file=None, store=None, name=None, max_concurrency: int = 4,
+def load_service(folder, plan_file=None, store=None, names: tuple[str, ...] = (), max_concurrency: int = 4,
                  max_context: int | None = None) -> Service:
-    """A Service on the checkpoint at `folder` (K2's packaged template when it ships none)."""
+    """A Service on the checkpoint at `folder` (K2's packaged template when it ships none), listed under
+    `names` (default: the folder's name, which requests may always give)."""
     from pathlib import Path
 
     from hybrid.generation.runtime import open_runtime
 
-    return Service(open_runtime(folder, plan_file, store, needs_chat=True), name or Path(folder).name, max_concurrency, max_context)
+    folder_name = Path(folder).name
+    return Service(open_runtime(folder, plan_file, store, needs_chat=True), tuple(names) or (folder_name,),
+                   max_concurrency, max_context, also_accepted=(folder_name,))
