@@ -184,7 +184,7 @@ def plan(model, output, hardware, check_file, from_ktransformers, as_json, **fla
 
 
 @cli.command()
-@click.argument("checkpoint", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.argument("checkpoint", type=MODEL)
 @click.argument("out", type=click.Path(file_okay=False, path_type=Path))
 @click.option("--experts", "fmt", default="int4", show_default=True, help="int4, int8 or bf16.")
 @click.option("--group", type=click.Choice(["32", "64", "128"]), help="Input channels per scale (int4/int8).")
@@ -208,7 +208,7 @@ def convert(checkpoint, out, fmt, group, verify):
 
 
 @cli.command()
-@click.argument("model", required=False, type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.argument("model", required=False, type=MODEL)
 @click.option("--plan", "plan_file", type=click.Path(exists=True, dir_okay=False))
 @click.option("--store", type=click.Path(exists=True, file_okay=False))
 @click.option("--prompt-lens", default="128", show_default=True, help="Comma-separated prompt lengths.")

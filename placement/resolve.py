@@ -1,9 +1,11 @@
-"""Front-end helpers: a MODEL argument (preset name or checkpoint folder) and hardware from file and flags."""
+"""Front-end helpers: a MODEL argument (preset name, checkpoint folder or Hugging Face id) and hardware from file
+and flags."""
 
 from pathlib import Path
 
-from hybrid.read.config import ModelConfig, load_config
 from hybrid.errors import PlanError
+from hybrid.read.config import ModelConfig, load_config
+from hybrid.read.hub import HUB_ID, hub_config
 from placement import presets
 from placement.hardware import Hardware, describe, detect, load_hardware
 
@@ -15,8 +17,11 @@ def resolve_model(text: str) -> tuple[str, ModelConfig]:
     if path.is_file() and path.suffix == ".json":
         return path.stem, load_config(path)
     cfg = presets.load(text)
+    if cfg is None and HUB_ID.match(text):
+        return text, load_config(hub_config(text))  # a Hugging Face id: its config.json is all a plan needs
     if cfg is None:
-        raise PlanError(f"{text!r} is neither a checkpoint folder nor a preset ({', '.join(presets.names())})")
+        raise PlanError(f"{text!r} is neither a checkpoint folder, a preset ({', '.join(presets.names())}) "
+                        "nor a Hugging Face id (org/name)")
     return text, cfg
 
 

@@ -202,3 +202,27 @@ def test_an_expert_width_the_format_does_not_divide(tmp_path):
                                         "--experts int4-g32"):
         make_plan(cfg, str(folder), hw("none"), PlanRequest())
     assert plan_for_this_machine(Checkpoint.open(folder)).plan.settings.expert_format == "int4-g32"
+
+
+def test_plan_takes_a_hub_id_from_the_cache_reading_only_its_config(tmp_path):
+    """`hybrid plan org/name`: the config.json in the Hugging Face cache is all it reads (no shards needed).
+    In a process of its own: huggingface_hub reads HF_HUB_CACHE when it is imported."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    repo = tmp_path / "hub" / "models--moonshotai--Kimi-K2-Instruct-0905"
+    (repo / "snapshots" / "abc").mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("abc")
+    config = Path(__file__).parent / "data" / "kimi-k2" / "config_0905.reconstructed.json"
+    (repo / "snapshots" / "abc" / "config.json").write_text(config.read_text())
+    env = os.environ | {"HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1"}
+    hybrid = str(Path(sys.executable).parent / "hybrid")
+    r = subprocess.run([hybrid, "plan", "moonshotai/Kimi-K2-Instruct-0905", "--gpu", "RTX 4090", "--ram", "768GB",
+                        "--json"], capture_output=True, text=True, timeout=120, env=env)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["model"] == "moonshotai/Kimi-K2-Instruct-0905"
+    r = subprocess.run([hybrid, "plan", "nobody/nothing"], capture_output=True, text=True, timeout=120, env=env)
+    assert r.returncode == 2 and "not in the Hugging Face cache" in r.stderr

@@ -37,16 +37,25 @@ def resolve_model(ref: str) -> Path:
     return _from_hub(repo)
 
 
-def _from_hub(repo: str) -> Path:
+def hub_config(ref: str) -> Path:
+    """Only the config.json of a hub id (what planning reads: not a terabyte of shards), cached or downloaded."""
+    repo, _, quant = ref.partition(":")
+    if quant:
+        raise CheckpointError(f"{ref}: a GGUF quant ({quant}) of {repo}; GGUF files cannot be planned by this "
+                              "version yet")
+    return _from_hub(repo, ["config.json"]) / "config.json"
+
+
+def _from_hub(repo: str, files=NEEDED_FILES) -> Path:
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
 
     try:
-        return Path(snapshot_download(repo, allow_patterns=NEEDED_FILES, local_files_only=True))
+        return Path(snapshot_download(repo, allow_patterns=files, local_files_only=True))
     except LocalEntryNotFoundError:
         pass  # not cached: download it
     try:
-        return Path(snapshot_download(repo, allow_patterns=NEEDED_FILES))
+        return Path(snapshot_download(repo, allow_patterns=files))
     except RepositoryNotFoundError:
         raise CheckpointError(f"{repo}: no such model on the Hugging Face hub (or it is private: "
                               "`hf auth login` first)") from None
