@@ -57,6 +57,7 @@ class Settings:
     prefill_chunk: int = 512
     expert_backing: str = "ram"  # disk: routed experts beyond RAM stay memory-mapped from the expert store
     defer_experts: int = 0  # each token's weakest routed experts computed one layer late (0: off)
+    expert_store: str | None = None  # the converted expert store (hybrid convert) the runtime loads experts from
 
 
 @dataclass(frozen=True)

@@ -19,6 +19,8 @@
       expert_backing: ram               # ram, or disk: experts beyond RAM stay memory-mapped from the
                                         # expert store (needs --store; quantizing at load holds them in RAM)
       defer_experts: 0                  # each token's N weakest routed experts join one layer late (0: off)
+      expert_store: /fast-disk/k2-int4  # optional: the store from hybrid convert (relative: to this file);
+                                        # generate/chat/serve/profile then need no --store
     rules:                              # first match wins; regex over checkpoint tensor names
       - match: '^model\\.layers\\.(3|4)\\.mlp\\.experts\\.'
         device: cuda:0
@@ -149,6 +151,10 @@ def _settings(node, path) -> Settings:
             if not isinstance(v, list) or not all(isinstance(i, int) and i >= 0 for i in v):
                 raise PlanError(f"{at}: gpu_expert_layers must be a list of layer numbers, got {v!r}")
             v = tuple(v)
+        elif key == "expert_store":
+            if not isinstance(v, str) or not v:
+                raise PlanError(f"{at}: expert_store must be a folder path, got {v!r}")
+            v = str(Path(path).parent / Path(v).expanduser())  # a relative path is the plan file's neighbour
         elif key in ("expert_format", "expert_backing", "cache_device"):
             if not isinstance(v, str):
                 raise PlanError(f"{at}: {key} must be a name, got {v!r}")
@@ -198,6 +204,8 @@ def dump_plan(plan: Plan, header: str = "") -> str:
     settings = asdict(plan.settings)
     settings["gpu_expert_layers"] = list(plan.settings.gpu_expert_layers)
     settings["cache_device"] = plan.cache_device  # written out, so a file names where its cache lives
+    if settings["expert_store"] is None:
+        del settings["expert_store"]
     rules = []
     for r in plan.rules:
         d = {"match": r.match, "device": r.device, "format": r.format, "kernel": r.kernel}

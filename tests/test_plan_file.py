@@ -334,3 +334,27 @@ def test_cli_refusal_is_one_line():
     r = run("plan", "kimi-k2-instruct-0905", "--gpu", "RTX 4070 Ti", "--ram", "768GB", "--context", 262144)
     assert r.returncode == 2 and "needs" in r.stderr and "has 12.0" in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
+
+
+def test_a_plan_may_name_its_expert_store(tmp_path, k2_tiny):
+    """expert_store in a plan file (relative to the file) is the store the runtime loads: no --store needed."""
+    from hybrid.generation.runtime import open_runtime
+    from hybrid.read.convert import convert
+    from placement.planner import PlanRequest, make_plan
+    from placement.resolve import resolve_hardware
+    from hybrid.read.checkpoint import Checkpoint
+
+    convert(k2_tiny, tmp_path / "store", "int8")
+    made = make_plan(Checkpoint.open(k2_tiny).config, str(k2_tiny), resolve_hardware(),
+                     PlanRequest(expert_format="int8")).plan
+    text = dump_plan(made).replace("  defer_experts: 0\n", "  defer_experts: 0\n  expert_store: store\n")
+    path = tmp_path / "plan.yaml"
+    path.write_text(text)
+    plan = load_plan(path)
+    assert plan.settings.expert_store == str(tmp_path / "store")
+    assert "expert_store: " in dump_plan(plan) and "expert_store" not in dump_plan(made)
+    experts = open_runtime(k2_tiny, path).model.model.layers[1].mlp.experts.cpu
+    assert isinstance(experts.store.values["gate_proj"], __import__("numpy").memmap)  # read from the store
+    (tmp_path / "bad.yaml").write_text(text.replace("expert_store: store", "expert_store: 5"))
+    with pytest.raises(PlanError, match="bad.yaml:\\d+: expert_store must be a folder path"):
+        load_plan(tmp_path / "bad.yaml")

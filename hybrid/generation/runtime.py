@@ -92,6 +92,8 @@ def open_runtime(folder, plan=None, store=None, progress=None, needs_chat: bool 
         from placement.plan_file import load_checked_plan
 
         plan = load_checked_plan(plan, ckpt.config)
+    if store is None and plan is not None:
+        store = plan.settings.expert_store  # a plan may name its store: --store is then not needed
     tokenizer = Tokenizer.from_folder(folder)
     template = chat_template_for(folder, tokenizer, required=False) if tokenizer is not None else None
     generation = read_generation_config(folder)
