@@ -131,7 +131,8 @@ def plan_for(ckpt: Checkpoint, plan_file, hw, grid: Grid, store=None):
     model and the grid here, before any weight is read."""
     from placement.memory import check_expert_format
     from placement.plan_file import load_checked_plan, load_plan
-    from placement.planner import PlanRequest, make_plan
+    from hybrid.generation.runtime import plan_for_this_machine
+    from placement.planner import PlanRequest
 
     cfg, need = ckpt.config, grid.positions
     asked = f"--prompt-lens {max(grid.prompt_lens)} with --gen {grid.gen} needs {need} positions"
@@ -145,12 +146,9 @@ def plan_for(ckpt: Checkpoint, plan_file, hw, grid: Grid, store=None):
         return plan
     request = PlanRequest(context_length=min(cfg.max_position_embeddings, max(MIN_CONTEXT, need)),
                           batch=max(grid.batches))
-    if store is not None:
-        from hybrid.read.expert_store import read_store_manifest
-
-        request = replace(request, expert_format=read_store_manifest(store)["format"])
-    check_expert_format(cfg, request.expert_format, "the default plan", ckpt.folder)
-    return make_plan(cfg, str(ckpt.folder), hw, request).plan
+    if store is None:  # the default plan's format, refused with the one that fits named (as `hybrid plan` does)
+        check_expert_format(cfg, request.expert_format, "the default plan", ckpt.folder)
+    return plan_for_this_machine(ckpt, store, request, hw).plan
 
 
 def run_profile(folder, grid: Grid = Grid(), plan_file=None, store=None, full_model=None, project_to=None,

@@ -64,10 +64,7 @@ class Runtime:
 
     def chat_template(self) -> ChatTemplate:
         """The template chat and serve render with; one ConfigError when the checkpoint has none."""
-        if self.tokenizer is None:
-            raise ConfigError(f"{self.folder}: no tokenizer (tiktoken.model or tokenizer.json), which chat and "
-                              "serve need")
-        return self.template or chat_template_for(self.folder, self.tokenizer)
+        return require_chat(self.folder, self.tokenizer, self.template)
 
     def new_cache(self, n_positions: int, batch: int = 1) -> MLACache:
         """A cache on the attention device; refuses more positions than the context limit."""
@@ -98,7 +95,7 @@ def open_runtime(folder, plan=None, store=None, progress=None, needs_chat: bool 
     template = chat_template_for(folder, tokenizer, required=False) if tokenizer is not None else None
     generation = read_generation_config(folder)
     if needs_chat:
-        Runtime(folder, None, plan, tokenizer, template).chat_template()  # its error, before minutes of loading
+        require_chat(folder, tokenizer, template)  # its one line before minutes of loading
     model = load_model(ckpt, plan=plan, store=store, progress=progress)
     cfg = ckpt.config
     if plan is not None:
@@ -109,21 +106,32 @@ def open_runtime(folder, plan=None, store=None, progress=None, needs_chat: bool 
                    frozenset(stop_ids(generation, cfg, tokenizer)), max_context, chunk)
 
 
-def plan_for_this_machine(ckpt: Checkpoint, store=None):
-    """The planner's PlanResult for this machine as detected (placement.resolve), with the expert format of
-    `store` when one is given (its experts are already quantized). Raises PlanError when nothing fits."""
+def require_chat(folder, tokenizer, template) -> ChatTemplate:
+    """What chat and serve need of a checkpoint: a tokenizer and a chat template, or one ConfigError."""
+    if tokenizer is None:
+        raise ConfigError(f"{folder}: no tokenizer (tiktoken.model or tokenizer.json), which chat and serve need")
+    return template or chat_template_for(folder, tokenizer)
+
+
+def plan_for_this_machine(ckpt: Checkpoint, store=None, request=None, hw=None):
+    """The planner's PlanResult for this machine (`hw`, default: as detected by placement.resolve) with
+    `request`'s settings (a placement PlanRequest; default: the planner's), in the expert format of `store`
+    when one is given (its experts are already quantized), else the nearest format to the request's that the
+    model's widths divide. Raises PlanError when nothing fits."""
+    from dataclasses import replace
+
+    from placement.memory import fitting_format
     from placement.planner import PlanRequest, make_plan
     from placement.resolve import resolve_hardware
 
-    from placement.memory import fitting_format
-
-    # A model whose widths int4-g128 does not divide gets the nearest format that does (a smaller group).
-    request = PlanRequest(expert_format=fitting_format(ckpt.config) or "int4")
+    request = request or PlanRequest()
     if store is not None:
         from hybrid.read.expert_store import read_store_manifest
 
-        request = PlanRequest(expert_format=read_store_manifest(store)["format"])
-    return make_plan(ckpt.config, str(ckpt.folder), resolve_hardware(), request)
+        fmt = read_store_manifest(store)["format"]
+    else:
+        fmt = fitting_format(ckpt.config, request.expert_format) or request.expert_format
+    return make_plan(ckpt.config, str(ckpt.folder), hw or resolve_hardware(), replace(request, expert_format=fmt))
 
 
 def plan_summary(plan) -> str:
