@@ -369,10 +369,9 @@ def check_sampling(**given):
 
 
 def parse_prompt(prompt, prompt_ids, tokenizer, allow_special: bool = False) -> list[int]:
-    """Token ids from --prompt-ids, or --prompt's text, in which special-token strings stay text unless
-    allow_special (a pasted web page cannot end a turn by accident)."""
-    if (prompt is None) == (prompt_ids is None):
-        raise click.UsageError("give exactly one of --prompt and --prompt-ids")
+    """Token ids from --prompt-ids, or --prompt's text (generate has checked that exactly one is given), in
+    which special-token strings stay text unless allow_special (a pasted web page cannot end a turn by
+    accident)."""
     if prompt_ids is not None:
         try:
             return [int(t) for t in prompt_ids.split(",") if t.strip()]

@@ -82,13 +82,14 @@ def test_extreme_sampling_flags_are_one_line_or_work(k2_tiny):
 def test_no_plan_runs_the_hybrid_runtime_planned_for_this_machine(k2_tiny):
     """`hybrid chat MODEL --prompt hi` without --plan: planned for this machine (said in one line), routed
     experts on the CPU kernels; --reference is the plain torch model."""
-    from hybrid.generation.runtime import AUTO, open_runtime
+    from hybrid.generation.runtime import open_runtime, plan_for_this_machine
+    from hybrid.read.checkpoint import Checkpoint
     from hybrid.run.experts import HybridExperts
 
     r = run("chat", k2_tiny, "--prompt", "hi", "--max-new-tokens", 3)
     assert r.returncode == 0, r.stderr
     assert "no --plan: planned for this machine: routed experts int4-g128 on" in r.stderr and "-o plan.yaml" in r.stderr
-    moe = open_runtime(k2_tiny, AUTO).model.model.layers[1].mlp
+    moe = open_runtime(k2_tiny, plan_for_this_machine(Checkpoint.open(k2_tiny)).plan).model.model.layers[1].mlp
     assert isinstance(moe.experts, HybridExperts)
     assert not isinstance(open_runtime(k2_tiny).model.model.layers[1].mlp.experts, HybridExperts)
 

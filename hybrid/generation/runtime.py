@@ -30,7 +30,6 @@ from hybrid.generation.sampling import SamplingParams
 from hybrid.generation.tokenizer import Tokenizer
 
 NO_PLAN_CONTEXT = 16384
-AUTO = "auto"  # open_runtime's plan: plan for this machine now
 K2_DEFAULT_TEMPERATURE = 0.6  # Moonshot's recommendation for Kimi-K2-Instruct
 
 
@@ -76,16 +75,14 @@ class Runtime:
 
 
 def open_runtime(folder, plan=None, store=None, progress=None, needs_chat: bool = False) -> Runtime:
-    """Open the checkpoint at `folder` and load it as `plan` says: a Plan, a plan file path, AUTO (plan for
-    this machine now, in the store's format when a store is given: what the front ends do without --plan),
-    or None (the plain fp32 torch reference model). `store`: a converted expert store. Every file is read and
+    """Open the checkpoint at `folder` and load it as `plan` says: a Plan (plan_for_this_machine's, what the
+    front ends use without --plan), a plan file path, or None (the plain fp32 torch reference model).
+    `store`: a converted expert store. Every file is read and
     checked before any weight is loaded, the tokenizer and chat template too when `needs_chat` (chat, serve).
     progress(done, total) follows the load."""
     ckpt = folder if isinstance(folder, Checkpoint) else Checkpoint.open(folder)
     folder = Path(ckpt.folder)
-    if plan == AUTO:
-        plan = plan_for_this_machine(ckpt, store).plan
-    elif plan is not None and not hasattr(plan, "settings"):
+    if plan is not None and not hasattr(plan, "settings"):
         from placement.plan_file import load_checked_plan
 
         plan = load_checked_plan(plan, ckpt.config)
