@@ -66,14 +66,17 @@ def test_health_and_the_page_are_open_the_rest_needs_the_key(server):
     assert fetch(server, "/v1/chat/completions", {"messages": HI}, key=None)[0] == 401
 
 
-def logged(caplog, n: int) -> list[str]:
-    """The first n access-log lines (written in the server's thread once each response has gone out)."""
+def logged(caplog, *patterns: str) -> list[re.Match]:
+    """The access-log line matching each pattern, in order. Lines are written in the server's thread once each
+    response has gone out, so one from the previous test's last request can still arrive during this one:
+    lines are picked by what they say, never by position."""
     deadline = time.monotonic() + 10
     while True:
         lines = [r.getMessage() for r in caplog.records if r.name == "hybrid.serve"]
-        if len(lines) >= n or time.monotonic() > deadline:
-            return lines
-        time.sleep(0.02)
+        found = [next((m for m in map(re.compile(p).fullmatch, lines) if m), None) for p in patterns]
+        if all(found) or time.monotonic() > deadline:
+            assert all(found), (patterns, lines)
+            return found
 
 
 def test_one_log_line_per_request(server, client, caplog):
@@ -82,13 +85,12 @@ def test_one_log_line_per_request(server, client, caplog):
                                                  stream_options={"include_usage": True}))
     fetch(server, "/v1/models", key="wrong")
     fetch(server, "/v1/chat/completions", {"model": "gpt-4", "messages": HI})
-    lines = logged(caplog, 3)
-    chat = re.fullmatch(r"POST /v1/chat/completions 200 in=(\d+) out=(\d+) ttft=(\S+)s total=(\S+)s", lines[0])
+    chat, _, _ = logged(caplog, r"POST /v1/chat/completions 200 in=(\d+) out=(\d+) ttft=(\S+)s total=(\S+)s",
+                        r"GET /v1/models 401 in=0 out=0 ttft=- total=\d+\.\d{3}s",
+                        r"POST /v1/chat/completions 404 in=0 out=0 ttft=- total=\d+\.\d{3}s")
     usage = chunks[-1].usage
-    assert chat and (int(chat[1]), int(chat[2])) == (usage.prompt_tokens, usage.completion_tokens), lines
+    assert (int(chat[1]), int(chat[2])) == (usage.prompt_tokens, usage.completion_tokens)
     assert 0 < float(chat[3]) <= float(chat[4])
-    assert re.fullmatch(r"GET /v1/models 401 in=0 out=0 ttft=- total=\d+\.\d{3}s", lines[1]), lines
-    assert re.fullmatch(r"POST /v1/chat/completions 404 in=0 out=0 ttft=- total=\d+\.\d{3}s", lines[2]), lines
 
 
 def test_metrics_have_help_lines_and_latency_histograms(server, service, client):
