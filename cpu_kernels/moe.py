@@ -23,7 +23,7 @@ import numpy as np
 from .formats import Format
 from .phases import bf16_rows_to_f32, down_phase, gate_up_phase
 from .prefill import BLOCK_TOKENS, sort_by_expert
-from .store import ExpertStore, build_store, load_store
+from .store import PROJECTIONS, ExpertStore, build_store, load_store
 from .threads import KernelThreads, split_range
 
 
@@ -46,6 +46,11 @@ class MoEExperts:
             raise ValueError(f"n_threads {n_threads} differs from the given worker's {threads.n_threads}")
         self.store = store
         self.fmt = store.fmt
+        self._kinds = {name: store.format_of(name).spec.kind for name in PROJECTIONS}
+        self._tile_rows = {name: store.format_of(name).spec.tile_rows for name in PROJECTIONS}
+        if self._tile_rows["gate_proj"] != self._tile_rows["up_proj"]:
+            raise ValueError(f"gate and up formats {store.format_of('gate_proj')}, {store.format_of('up_proj')} "
+                             "have different tile rows; phase 1 computes their tiles together")
         self.n_experts, self.hidden, self.width = store.n_experts, store.hidden, store.width
         self._v = {k: _readonly(a) for k, a in store.values.items()}
         self._s = {k: _readonly(a) for k, a in store.scales.items()}
@@ -149,20 +154,20 @@ class MoEExperts:
         n_used = sort_by_expert(ids, weights, buf("counts", (self.n_experts,), np.int64), starts, pair_token,
                                 pair_weight, used)
         h = buf("h", (n_pairs, self.width), np.float32)
-        ybuf = buf("ybuf", (self.n_threads, 2, BLOCK_TOKENS, self.fmt.spec.tile_rows), np.float32)
+        ybuf = buf("ybuf", (self.n_threads, 2, BLOCK_TOKENS, max(self._tile_rows.values())), np.float32)
         n_parts = self.n_threads
         n_tiles_i, n_tiles_h = v["gate_proj"].shape[1], v["down_proj"].shape[1]
         sort = (used, n_used, starts, pair_token)
-        kind = self.fmt.spec.kind  # which format's kernels the phases run (formats/spec.py)
+        kinds = self._kinds  # which formats' kernels the phases run (formats/spec.py)
 
         def gate_up(part):
             t0, t1 = split_range(n_tiles_i, part, n_parts)
-            gate_up_phase(kind, v["gate_proj"], s["gate_proj"], v["up_proj"], s["up_proj"], x, *sort, pair_weight,
-                          h, t0, t1, ybuf[part])
+            gate_up_phase(kinds["gate_proj"], kinds["up_proj"], v["gate_proj"], s["gate_proj"], v["up_proj"],
+                          s["up_proj"], x, *sort, pair_weight, h, t0, t1, ybuf[part])
 
         def down(part):
             t0, t1 = split_range(n_tiles_h, part, n_parts)
-            down_phase(kind, v["down_proj"], s["down_proj"], h, *sort, out, t0, t1, ybuf[part])
+            down_phase(kinds["down_proj"], v["down_proj"], s["down_proj"], h, *sort, out, t0, t1, ybuf[part])
 
         self._threads.run(gate_up)
         self._threads.run(down)

@@ -33,12 +33,12 @@ from .prefill import BLOCK_TOKENS
 
 def tile1(kind, values, scales, x, y):
     """y[R] = tile @ x with the one-token kernel of the format whose marker is `kind`."""
-    spec_of_kind(type(kind)).tile1(values, scales, x, y)
+    spec_of_kind(type(kind)).tile1(kind, values, scales, x, y)
 
 
 def tile4(kind, values, scales, X, i0, i1, i2, i3, Y):
     """Y[4, R] = tile @ X[[i0, i1, i2, i3]].T with the four-token kernel of the format whose marker is `kind`."""
-    spec_of_kind(type(kind)).tile4(values, scales, X, i0, i1, i2, i3, Y)
+    spec_of_kind(type(kind)).tile4(kind, values, scales, X, i0, i1, i2, i3, Y)
 
 
 def tile_rows(kind):
@@ -50,13 +50,13 @@ def tile_rows(kind):
 @overload(tile1)
 def _tile1_typed(kind, values, scales, x, y):
     kernel = spec_of_kind(kind.instance_class).tile1
-    return lambda kind, values, scales, x, y: kernel(values, scales, x, y)
+    return lambda kind, values, scales, x, y: kernel(kind, values, scales, x, y)
 
 
 @overload(tile4)
 def _tile4_typed(kind, values, scales, X, i0, i1, i2, i3, Y):
     kernel = spec_of_kind(kind.instance_class).tile4
-    return lambda kind, values, scales, X, i0, i1, i2, i3, Y: kernel(values, scales, X, i0, i1, i2, i3, Y)
+    return lambda kind, values, scales, X, i0, i1, i2, i3, Y: kernel(kind, values, scales, X, i0, i1, i2, i3, Y)
 
 
 @overload(tile_rows)
@@ -74,14 +74,15 @@ def _store_activation(yg, yu, k, weight, h_row, row0, n_rows):
 
 
 @njit(nogil=True, cache=True, fastmath=FASTMATH)
-def gate_up_phase(kind, gate_values, gate_scales, up_values, up_scales, x, used, n_used, starts, pair_token,
-                  pair_weight, h, tile_start, tile_stop, ybuf):
+def gate_up_phase(gate_kind, up_kind, gate_values, gate_scales, up_values, up_scales, x, used, n_used, starts,
+                  pair_token, pair_weight, h, tile_start, tile_stop, ybuf):
     """Phase 1 for tiles [tile_start, tile_stop) of I: fills h [P, I] (float32) for all pairs.
 
-    kind: the store format's marker; gate/up values and scales: one layer's store arrays [E, nt, ...]; x float32
-    [T, H]; used/starts/pair_token/pair_weight from sort_by_expert; ybuf float32 [2, 4, R] this thread's scratch.
+    gate_kind, up_kind: the markers of the gate's and the up projection's formats (a GGUF layer may keep them in
+    two types; both have the same tile rows R); gate/up values and scales: one layer's store arrays [E, nt, ...];
+    x float32 [T, H]; used/starts/pair_token/pair_weight from sort_by_expert; ybuf float32 [2, 4, R] scratch.
     """
-    n_rows_tile = tile_rows(kind)
+    n_rows_tile = tile_rows(gate_kind)
     width = h.shape[1]
     yg = ybuf[0]
     yu = ybuf[1]
@@ -95,14 +96,14 @@ def gate_up_phase(kind, gate_values, gate_scales, up_values, up_scales, x, used,
             p = starts[e]
             while p + BLOCK_TOKENS <= p_end:
                 t0, t1, t2, t3 = pair_token[p], pair_token[p + 1], pair_token[p + 2], pair_token[p + 3]
-                tile4(kind, gv, gs, x, t0, t1, t2, t3, yg)
-                tile4(kind, uv, us, x, t0, t1, t2, t3, yu)
+                tile4(gate_kind, gv, gs, x, t0, t1, t2, t3, yg)
+                tile4(up_kind, uv, us, x, t0, t1, t2, t3, yu)
                 for k in range(BLOCK_TOKENS):
                     _store_activation(yg, yu, k, pair_weight[p + k], h[p + k], row0, n_rows)
                 p += BLOCK_TOKENS
             while p < p_end:
-                tile1(kind, gv, gs, x[pair_token[p]], yg[0])
-                tile1(kind, uv, us, x[pair_token[p]], yu[0])
+                tile1(gate_kind, gv, gs, x[pair_token[p]], yg[0])
+                tile1(up_kind, uv, us, x[pair_token[p]], yu[0])
                 _store_activation(yg, yu, 0, pair_weight[p], h[p], row0, n_rows)
                 p += 1
 
@@ -148,3 +149,29 @@ def bf16_rows_to_f32(src, dst):
     flat_dst = dst.reshape(-1).view(np.uint32)
     for i in range(flat_src.shape[0]):
         flat_dst[i] = np.uint32(flat_src[i]) << 16
+
+
+@njit(nogil=True, cache=True, fastmath=FASTMATH)
+def dense_phase(kind, values, scales, X, Y, tile_start, tile_stop, ybuf):
+    """Y[T, n_out] = X[T, n_in] @ W.T for W's tiles [tile_start, tile_stop): one matrix (a projection outside the
+    routed experts, kept in its GGUF blocks), every token through each tile while it sits in L2.
+
+    kind: the format's marker; values/scales: the matrix's [nt, ...] arrays; X, Y float32; ybuf float32 [4, R].
+    """
+    n_rows_tile = tile_rows(kind)
+    n_out, n_tokens = Y.shape[1], X.shape[0]
+    for t in range(tile_start, tile_stop):
+        row0 = t * n_rows_tile
+        n_rows = min(n_rows_tile, n_out - row0)
+        p = 0
+        while p + BLOCK_TOKENS <= n_tokens:
+            tile4(kind, values[t], scales[t], X, p, p + 1, p + 2, p + 3, ybuf)
+            for k in range(BLOCK_TOKENS):
+                for r in range(n_rows):
+                    Y[p + k, row0 + r] = ybuf[k, r]
+            p += BLOCK_TOKENS
+        while p < n_tokens:
+            tile1(kind, values[t], scales[t], X[p], ybuf[0])
+            for r in range(n_rows):
+                Y[p, row0 + r] = ybuf[0, r]
+            p += 1

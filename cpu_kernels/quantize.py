@@ -17,6 +17,9 @@ def quantize_matrix(w: np.ndarray, fmt: Format) -> tuple[np.ndarray, np.ndarray]
     Shapes are `formats.value_shape` / `formats.scale_shape`; a format without scales returns an empty [nt, 0, 0]
     scales array.
     """
+    if fmt.spec.quantize is None:
+        raise ValueError(f"format {fmt} is read from GGUF files as released; hybrid does not write it (convert "
+                         "writes bf16, int8 or int4)")
     if w.ndim != 2:
         raise ValueError(f"weights must be 2-D [n_out, n_in], got shape {w.shape}")
     check_matrix(fmt, *w.shape)

@@ -30,6 +30,7 @@ looks complete.
 """
 
 import json
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,10 +51,12 @@ def projection_shape(name: str, hidden: int, width: int) -> tuple[int, int]:
     return (hidden, width) if name == "down_proj" else (width, hidden)
 
 
-def layer_arrays(fmt: Format, n_experts: int, hidden: int, width: int) -> dict:
-    """{"gate_proj.values": (shape, dtype), ...}: every array of a layer store, scales placeholders included."""
+def layer_arrays(fmt: Format, n_experts: int, hidden: int, width: int, formats: dict | None = None) -> dict:
+    """{"gate_proj.values": (shape, dtype), ...}: every array of a layer store, scales placeholders included.
+    `formats` overrides `fmt` per projection name (see ExpertStore.formats)."""
     arrays = {}
     for name in PROJECTIONS:
+        fmt = (formats or {}).get(name, fmt)
         n_out, n_in = projection_shape(name, hidden, width)
         arrays[f"{name}.values"] = ((n_experts,) + value_shape(fmt, n_out, n_in), np.dtype(fmt.spec.value_dtype))
         arrays[f"{name}.scales"] = ((n_experts,) + scale_shape(fmt, n_out, n_in), np.dtype(fmt.spec.scale_dtype))
@@ -74,9 +77,13 @@ class ExpertStore:
     width: int
     values: dict
     scales: dict
+    # Per projection where they differ from `fmt`: a GGUF layer as Unsloth's dynamic quants write it keeps, say,
+    # gate and up in IQ2_XXS and down in IQ3_XXS. Stores hybrid writes have one format.
+    formats: dict | None = None
 
     def __post_init__(self):
-        for key, (shape, dtype) in layer_arrays(self.fmt, self.n_experts, self.hidden, self.width).items():
+        for key, (shape, dtype) in layer_arrays(self.fmt, self.n_experts, self.hidden, self.width,
+                                                self.formats).items():
             name, _, part = key.partition(".")
             a = getattr(self, part).get(name)
             if a is None or a.shape != shape or a.dtype != dtype:
@@ -88,6 +95,29 @@ class ExpertStore:
     @property
     def nbytes(self) -> int:
         return sum(self.values[n].nbytes + self.scales[n].nbytes for n in PROJECTIONS)
+
+    def format_of(self, name: str) -> Format:
+        """The format of projection `name` (gate_proj, up_proj or down_proj)."""
+        return (self.formats or {}).get(name, self.fmt)
+
+    @classmethod
+    def from_blocks(cls, formats: dict, n_experts: int, hidden: int, width: int, blocks: dict) -> "ExpertStore":
+        """A layer of GGUF experts as the file stores them: blocks[name] uint8 [E, n_out, B] (zero-copy views of
+        the memory-mapped file, B bytes per row) in the GGUF format formats[name], for name in PROJECTIONS. The
+        store's arrays are reshapes of those views (formats/gguf/ says why that is the store layout): nothing is
+        copied or read here."""
+        values, scales = {}, {}
+        for name in PROJECTIONS:
+            fmt, (n_out, n_in) = formats[name], projection_shape(name, hidden, width)
+            if fmt.spec.ggml_type is None:
+                raise ValueError(f"{name}: format {fmt} is not a GGUF type")
+            shape = (n_experts,) + value_shape(fmt, n_out, n_in)
+            if blocks[name].size != math.prod(shape):
+                raise ValueError(f"{name}: {blocks[name].shape} bytes do not hold {n_experts} [{n_out}, {n_in}] "
+                                 f"matrices in {fmt}")
+            values[name] = blocks[name].reshape(shape)
+            scales[name] = np.zeros((n_experts,) + scale_shape(fmt, n_out, n_in), np.float32)
+        return cls(formats["gate_proj"], n_experts, hidden, width, values, scales, dict(formats))
 
 
 def _stored(fmt: Format, key: str) -> bool:
@@ -223,6 +253,8 @@ def _write_manifest(directory: Path, manifest: dict) -> None:
 
 def save_store(store: ExpertStore, directory) -> Path:
     """Write `store` to `directory` (created if missing) in the layout above; returns the directory."""
+    if store.formats or store.fmt.spec.quantize is None:
+        raise ValueError(f"a store in {store.fmt} is read from its .gguf file; save_store writes hybrid's formats")
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     arrays = {}

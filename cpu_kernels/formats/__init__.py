@@ -33,18 +33,25 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import bf16, int4, int8
+from . import bf16, gguf, int4, int8
 from .spec import FormatSpec
 from .tiled import DEFAULT_GROUP_SIZE, GROUP_SIZES, TILE_ROWS
 
 # The registry, closed: store manifests, plan files and `hybrid convert` name one of these; a new format is its
 # module's SPEC added here (docs/formats.md).
-FORMATS = {spec.name: spec for spec in (bf16.SPEC, int8.SPEC, int4.SPEC)}
+# The GGUF types (formats/gguf/, named as ggml names them: "Q4_K", "IQ2_XXS") are read from .gguf files as released.
+FORMATS = {spec.name: spec for spec in (bf16.SPEC, int8.SPEC, int4.SPEC, *gguf.SPECS)}
 FORMAT_NAMES = tuple(FORMATS)
-MATVEC_ERROR_BOUND = {name: spec.error_bound for name, spec in FORMATS.items()}
-_BY_KIND = {type(spec.kind): spec for spec in FORMATS.values()}
+WRITABLE_NAMES = tuple(name for name, spec in FORMATS.items() if spec.quantize is not None)
+GGUF_NAMES = tuple(name for name, spec in FORMATS.items() if spec.ggml_type is not None)
+MATVEC_ERROR_BOUND = {name: spec.error_bound for name, spec in FORMATS.items() if spec.quantize is not None}
+# The GGUF types share one marker class (their kernels dispatch on its code), hence setdefault: the first
+# spec of a class answers for the kernels and tile_rows they all share.
+_BY_KIND = {}
+for _spec in FORMATS.values():
+    _BY_KIND.setdefault(type(_spec.kind), _spec)
 
-__all__ = ["DEFAULT_GROUP_SIZE", "FORMATS", "FORMAT_NAMES", "GROUP_SIZES", "MATVEC_ERROR_BOUND", "TILE_ROWS",
+__all__ = ["DEFAULT_GROUP_SIZE", "FORMATS", "FORMAT_NAMES", "GGUF_NAMES", "GROUP_SIZES", "WRITABLE_NAMES", "MATVEC_ERROR_BOUND", "TILE_ROWS",
            "Format", "FormatSpec", "bytes_per_weight", "check_matrix", "expert_bytes", "matrix_bytes",
            "parse_format", "scale_shape", "spec_of_kind", "value_dtype_name", "value_shape"]
 
@@ -93,7 +100,8 @@ def parse_format(text: str) -> Format:
 
 
 def spec_of_kind(kind_class: type) -> FormatSpec:
-    """The format whose numba marker (FormatSpec.kind) is an instance of `kind_class`."""
+    """A format whose numba marker (FormatSpec.kind) is an instance of `kind_class`: the one for bf16/int8/int4,
+    the first GGUF type for GGUFKernels (kernels and tile rows are the same for all of them)."""
     spec = _BY_KIND.get(kind_class)
     if spec is None:
         raise ValueError(f"{kind_class!r} is not the kernel marker of any format in {FORMAT_NAMES}")
@@ -107,6 +115,9 @@ def check_matrix(fmt: Format, n_out: int, n_in: int) -> None:
     step = fmt.spec.input_multiple(fmt.group_size)
     if n_in % step:
         raise ValueError(f"input size {n_in} is not a multiple of {step} as format {fmt} requires")
+    if n_out % fmt.spec.output_multiple:
+        raise ValueError(f"output size {n_out} is not a multiple of {fmt.spec.output_multiple} as format {fmt} "
+                         "requires")
 
 
 def value_shape(fmt: Format, n_out: int, n_in: int) -> tuple:

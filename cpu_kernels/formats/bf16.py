@@ -41,7 +41,7 @@ def widen_bf16(typingctx, bits):
 
 
 @njit(nogil=True, cache=True, fastmath=FASTMATH)
-def tile1_bf16(values, scales, x, y):
+def tile1_bf16(kind, values, scales, x, y):
     """bf16 tile [n_in, R] uint16 times x [n_in] -> y [R]; `scales` is unused (bf16 has none)."""
     n_in, n_rows = values.shape
     for r in range(n_rows):
@@ -65,7 +65,7 @@ def tile1_bf16(values, scales, x, y):
 
 
 @njit(nogil=True, cache=True, fastmath=FASTMATH)
-def tile4_bf16(values, scales, X, i0, i1, i2, i3, Y):
+def tile4_bf16(kind, values, scales, X, i0, i1, i2, i3, Y):
     """bf16 tile [n_in, R] times rows i0..i3 of X [*, n_in] -> Y [4, R]; `scales` is unused."""
     n_in, n_rows = values.shape
     Y[:, :] = 0.0

@@ -32,7 +32,7 @@ class Int4Kernels(NamedTuple):
 
 
 @njit(nogil=True, cache=True, fastmath=FASTMATH)
-def tile1_int4(values, scales, x, y):
+def tile1_int4(kind, values, scales, x, y):
     """int4 tile [ng, G/2, R] (two codes per byte) with scales [ng, R] times x [ng * G] -> y [R]."""
     n_groups, half, n_rows = values.shape
     group = 2 * half
@@ -70,7 +70,7 @@ def tile1_int4(values, scales, x, y):
 
 
 @njit(nogil=True, cache=True, fastmath=FASTMATH)
-def tile4_int4(values, scales, X, i0, i1, i2, i3, Y):
+def tile4_int4(kind, values, scales, X, i0, i1, i2, i3, Y):
     """int4 tile [ng, G/2, R] with scales [ng, R] times rows i0..i3 of X -> Y [4, R]."""
     n_groups, half, n_rows = values.shape
     group = 2 * half

@@ -24,7 +24,7 @@ class Int8Kernels(NamedTuple):
 
 
 @njit(nogil=True, cache=True, fastmath=FASTMATH)
-def tile1_int8(values, scales, x, y):
+def tile1_int8(kind, values, scales, x, y):
     """int8 tile [ng, G, R] with scales [ng, R] times x [ng * G] -> y [R]."""
     n_groups, group, n_rows = values.shape
     for r in range(n_rows):
@@ -49,7 +49,7 @@ def tile1_int8(values, scales, x, y):
 
 
 @njit(nogil=True, cache=True, fastmath=FASTMATH)
-def tile4_int8(values, scales, X, i0, i1, i2, i3, Y):
+def tile4_int8(kind, values, scales, X, i0, i1, i2, i3, Y):
     """int8 tile [ng, G, R] with scales [ng, R] times rows i0..i3 of X -> Y [4, R]."""
     n_groups, group, n_rows = values.shape
     Y[:, :] = 0.0

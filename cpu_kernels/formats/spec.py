@@ -12,15 +12,17 @@ format's own business: bf16/int8/int4 keep 128-row tiles with one scale per (row
 their sub-block scales. The store (store.py) stacks all E experts: values [E, nt, ...], scales [E, nt, ...]; the
 drivers (phases.py) split the tiles among the threads and call the format's kernels on one tile at a time:
 
-    tile1(values[t], scales[t], x, y)                   y[r] = sum_c W[t*R + r, c] * x[c]       y float32 [R]
-    tile4(values[t], scales[t], X, i0, i1, i2, i3, Y)   Y[k] = tile @ X[i_k] for k < 4          Y float32 [4, R]
+    tile1(kind, values[t], scales[t], x, y)                   y[r] = sum_c W[t*R + r, c] * x[c]   y float32 [R]
+    tile4(kind, values[t], scales[t], X, i0, i1, i2, i3, Y)   Y[k] = tile @ X[i_k] for k < 4      Y float32 [4, R]
 
 x is float32 [n_in], X float32 [*, n_in]; both kernels overwrite their output, allocate nothing, and are compiled
 with `@njit(nogil=True, cache=True, fastmath=FASTMATH)` (threads run them in parallel). A format without scales
 (`has_scales` False) still gets a scales argument: an empty [nt, 0, 0] float32 placeholder.
 
-`kind` tells numba which format a call is for: an instance of a field-less `typing.NamedTuple` class of the format's
-own module. The drivers take it as their first argument; numba compiles one specialisation per marker class and
+`kind` tells numba which format a call is for: an instance of a `typing.NamedTuple` class of the format's own
+module, field-less for bf16/int8/int4. The GGUF types (formats/gguf/) share one class whose field is the ggml
+type code, so one compiled driver serves every GGUF type and the type is picked at run time; kernels get the
+marker as their first argument for that reason (the others ignore it). The drivers take it as their first argument; numba compiles one specialisation per marker class and
 looks the kernels up in the registry while compiling, so kernels are chosen by format, never by the dtype of the
 values (Q4_K and int4 would both keep uint8). Why a NamedTuple: numba types it by its class for ~0.6 us per call
 and caches what it compiled; a custom numba type measured ~6 us per call (its typeof runs in Python), and passing
@@ -49,10 +51,13 @@ class FormatSpec:
     scale_shape: Callable  # (G, n_out, n_in) -> shape of one expert's scales, tile axis first
     input_multiple: Callable  # (G) -> n_in must be a multiple of this (the kernels' unrolling)
     bits_per_weight: Callable  # (G) -> bits per weight, scales included, tile padding not
-    quantize: Callable  # (w [n_out, n_in] float32 or bf16 bits as uint16, G) -> (values, scales)
+    quantize: Callable | None  # (w [n_out, n_in] float32 or bf16 bits as uint16, G) -> (values, scales); None:
+    # a format read as released (GGUF) that hybrid never writes
     dequantize: Callable  # (values, scales, G, n_out, n_in) -> float32 [n_out, n_in]: what the kernels multiply by
     tile1: Callable  # the one-token kernel above
     tile4: Callable  # the four-token kernel above
     kind: tuple  # numba's marker for this format (above)
-    error_bound: float  # bound on quantize.matvec_error that tests hold the quantizer to
+    error_bound: float  # bound on quantize.matvec_error that tests hold the quantizer to (nan: no quantizer)
     scale_dtype: str = "float32"
+    output_multiple: int = 1  # n_out must be a multiple of this (GGUF tiles are views of the file: no padding)
+    ggml_type: int | None = None  # the GGUF type code of a format read from .gguf files
