@@ -3,7 +3,8 @@
 K2 (`tiktoken.model` + tokenizer_config.json): one `base64(bytes) rank` line per mergeable token (163,584 for
 K2). The 256 ids after the last rank are special slots: those named in `added_tokens_decoder` ([BOS],
 <|im_end|>, ...), the rest `<|reserved_token_N|>`. Pre-tokenization uses K2's pattern (Han runs kept whole,
-case-aware words, numbers in groups of at most three).
+case-aware words, numbers in groups of at most three). A GGUF file of K2 (hybrid.read.gguf) carries the same
+tokenizer as a token list whose ids are the ranks: `TiktokenTokenizer.from_gguf`.
 
 DeepSeek-V3/R1 (`tokenizer.json`): byte-level BPE run by the `tokenizers` package; its added tokens
 (<｜begin▁of▁sentence｜>, <｜User｜>, ...) are the special tokens.
@@ -24,6 +25,7 @@ import tiktoken
 
 from hybrid.errors import ConfigError
 from hybrid.read.config import read_json_object
+from hybrid.read.gguf import byte_alphabet
 
 N_SPECIAL_SLOTS = 256
 K2_PATTERN = "|".join([
@@ -119,6 +121,15 @@ class TiktokenTokenizer(Tokenizer):
         enc = tiktoken.Encoding(name=folder.name, pat_str=K2_PATTERN, mergeable_ranks=ranks, special_tokens=special)
         return cls(enc, special, special_tokens_map(cfg))
 
+    @classmethod
+    def from_gguf(cls, ckpt) -> "TiktokenTokenizer":
+        """K2's tokenizer from a GGUF checkpoint (hybrid.read.gguf): its token list holds the tiktoken ranks
+        as ids and the special slots as control tokens; the pattern is K2's."""
+        ranks, special, special_map, _ = ckpt.tokenizer_pieces()
+        enc = tiktoken.Encoding(name=Path(ckpt.folder).name, pat_str=K2_PATTERN, mergeable_ranks=ranks,
+                                special_tokens=special)
+        return cls(enc, special, special_map)
+
     @property
     def n_vocab(self) -> int:
         return self.encoding.n_vocab
@@ -185,18 +196,6 @@ class JsonTokenizer(Tokenizer):
             # Not the DeepSeek-V3 family's format: a token's decoded text is the best available answer.
             return self.backend.decode([token]).encode()
         return bytes(self._from_alphabet[c] for c in piece)
-
-
-def byte_alphabet() -> dict[int, str]:
-    """GPT-2's byte-level alphabet: every byte as one printable character, so BPE vocab entries are strings.
-    Printable Latin-1 bytes stand for themselves; the other 68 bytes map to 256, 257, ... in byte order."""
-    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    table, extra = {b: chr(b) for b in keep}, 0
-    for b in range(256):
-        if b not in table:
-            table[b] = chr(256 + extra)
-            extra += 1
-    return dict(sorted(table.items()))
 
 
 def _uses_byte_level(spec: dict) -> bool:

@@ -67,6 +67,14 @@ class ModelConfig:
     eos_token_ids: tuple[int, ...]
     fp8_block: tuple[int, int] | None
     torch_dtype: str
+    # A GGUF checkpoint's storage, for the planner to size each tensor by its real type: ((name, ggml type name),
+    # ...) with HF names, routed experts once per layer and projection (`stored_key`). Empty for safetensors.
+    stored_types: tuple[tuple[str, str], ...] = ()
+
+    @property
+    def gguf(self) -> bool:
+        """Whether the checkpoint is a GGUF file set (its tensors stay in their stored types)."""
+        return bool(self.stored_types)
 
     @property
     def qk_head_dim(self) -> int:

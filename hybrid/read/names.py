@@ -102,3 +102,10 @@ def _moe_tensors(cfg: ModelConfig, layer: int) -> dict[str, tuple[int, ...]]:
     for e in range(E):
         out.update({expert_key(layer, e, proj): shape for proj, shape in zip(EXPERT_PROJS, ((I, H), (I, H), (H, I)))})
     return out
+
+
+def stored_key(name: str) -> str:
+    """The key a GGUF checkpoint's storage table (ModelConfig.stored_types) holds `name` under: routed experts
+    share one tensor per layer and projection, `model.layers.L.mlp.experts.*.P.weight`; others are themselves."""
+    key = parse_expert_key(name)
+    return name if key is None else f"{layer_prefix(key[0])}.mlp.experts.*.{key[2]}.weight"
