@@ -155,7 +155,8 @@ def generate(model, prompt, prompt_ids, allow_special, plan_file, store, as_json
 @click.option("--disk-bandwidth", type=float, help="Disk read GB/s, for experts beyond RAM.")
 @click.option("--context", type=int, help="Context length to reserve cache for.")
 @click.option("--batch", default=1, show_default=True)
-@click.option("--experts", "expert_format", default="int4", show_default=True, help="bf16, int8, int4 (+ -g32/-g64).")
+@click.option("--experts", "expert_format", help="bf16, int8, int4 (+ -g32/-g64); default int4, and for a GGUF "
+              "checkpoint gguf (its experts as stored).")
 @click.option("--gpu-expert-layers", type=int, help="Cap on MoE layers whose experts go to the GPU (0: none).")
 @click.option("--routing-stats", type=click.Path(exists=True, dir_okay=False), help="Routing counts JSON.")
 @click.option("--allow-disk", is_flag=True, help="Let experts beyond RAM stay memory-mapped on disk.")
@@ -335,29 +336,35 @@ def serve(model, plan_file, store, reference, host, port, api_key, names, max_co
 
 @cli.command()
 @click.option("--threads", type=click.IntRange(min=1), help="Kernel threads (default: physical cores).")
-@click.option("--formats", default="bf16,int8,int4", show_default=True, help="Comma list, e.g. int4,int4-g32,int8-g64.")
+@click.option("--formats", default="bf16,int8,int4", show_default=True,
+              help="Comma list, e.g. int4,int4-g32,int8-g64, or GGUF types Q4_K,Q2_K,IQ2_XXS.")
+@click.option("--gguf", is_flag=True, help="Add every GGUF block type (Q8_0, K-quants, IQ and TQ types).")
 @click.option("--experts", type=click.IntRange(min=8), default=64, show_default=True,
               help="Experts in the layer (working set = experts x size).")
 @click.option("--quick", is_flag=True, help="16 experts, prefill 32/128 only, no torch bf16.")
 @click.option("--no-torch", is_flag=True, help="Skip the torch baselines.")
 @click.option("--kt-python", help="Interpreter with kt-kernel installed: adds its AMXINT8/AMXINT4 rows.")
+@click.option("--llama-python", type=click.Path(exists=True, dir_okay=False),
+              help="Interpreter with llama-cpp-python built from source: adds llama.cpp's row "
+              "for each GGUF type.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Write the results here.")
 @click.option("--markdown", type=click.Path(dir_okay=False), help="Write the tables as Markdown here.")
-def bench(threads, formats, experts, quick, no_torch, kt_python, json_path, markdown):
-    """The CPU expert-kernel benchmark: decode GB/s against a bandwidth probe, prefill, torch baselines."""
+def bench(threads, formats, gguf, experts, quick, no_torch, kt_python, llama_python, json_path, markdown):
+    """The CPU expert-kernel benchmark: decode GB/s against a bandwidth probe, prefill, torch baselines, and
+    llama.cpp's rows for the GGUF types."""
     from types import SimpleNamespace
 
+    from cpu_kernels.bench import format_list
     from cpu_kernels.bench import run as run_bench
-    from cpu_kernels.formats import parse_format
     from cpu_kernels.threads import physical_cores
 
-    for text in formats.split(","):
-        try:
-            parse_format(text.strip())
-        except ValueError as e:
-            raise click.BadParameter(str(e), param_hint="--formats") from None
-    run_bench(SimpleNamespace(threads=threads or physical_cores(), formats=formats, experts=experts, quick=quick,
-                              no_torch=no_torch, kt_python=kt_python, json=json_path, markdown=markdown))
+    try:
+        format_list(formats, gguf)
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="--formats") from None
+    run_bench(SimpleNamespace(threads=threads or physical_cores(), formats=formats, gguf=gguf, experts=experts,
+                              quick=quick, no_torch=no_torch, kt_python=kt_python, llama_python=llama_python,
+                              json=json_path, markdown=markdown))
 
 
 def check_sampling(**given):
@@ -390,11 +397,11 @@ def load_for_cli(folder: Path, plan_file=None, store=None, needs_chat: bool = Fa
     from rich.progress import Progress
 
     from hybrid.generation.runtime import open_runtime, plan_for_this_machine, plan_summary
-    from hybrid.read.checkpoint import Checkpoint
+    from hybrid.read.open import open_checkpoint
 
     if reference and (plan_file or store):
         raise click.UsageError("--reference runs the plain torch model: it takes no --plan or --store")
-    ckpt, plan = Checkpoint.open(folder), plan_file
+    ckpt, plan = open_checkpoint(folder), plan_file
     if plan is None and not reference:
         plan = plan_for_this_machine(ckpt, store).plan
         err.print(f"[dim]no --plan: planned for this machine: {escape(plan_summary(plan))} "

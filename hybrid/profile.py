@@ -21,6 +21,7 @@ from rich.table import Table
 
 from hybrid.errors import ConfigError
 from hybrid.read.checkpoint import Checkpoint
+from hybrid.read.open import open_checkpoint
 from hybrid.generation.profiling import COMPONENTS, RoutingCounter, calibrated_hardware, full_size_projection, profile_run
 
 CACHE = Path.home() / ".cache" / "hybrid"
@@ -129,7 +130,7 @@ def plan_for(ckpt: Checkpoint, plan_file, hw, grid: Grid, store=None):
     """The plan to profile: the file's, or the planner's for this machine with cache for the grid's longest
     run (in the store's format when a store is given: its experts are quantized already). Checked against the
     model and the grid here, before any weight is read."""
-    from placement.memory import check_expert_format
+    from placement.memory import GGUF, check_expert_format
     from placement.plan_file import load_checked_plan, load_plan
     from hybrid.generation.runtime import plan_for_this_machine
     from placement.planner import PlanRequest
@@ -147,7 +148,7 @@ def plan_for(ckpt: Checkpoint, plan_file, hw, grid: Grid, store=None):
     request = PlanRequest(context_length=min(cfg.max_position_embeddings, max(MIN_CONTEXT, need)),
                           batch=max(grid.batches))
     if store is None:  # the default plan's format, refused with the one that fits named (as `hybrid plan` does)
-        check_expert_format(cfg, request.expert_format, "the default plan", ckpt.folder)
+        check_expert_format(cfg, GGUF if cfg.gguf else "int4", "the default plan", ckpt.folder)
     return plan_for_this_machine(ckpt, store, request, hw).plan
 
 
@@ -160,7 +161,7 @@ def run_profile(folder, grid: Grid = Grid(), plan_file=None, store=None, full_mo
     from placement.resolve import resolve_hardware
 
     progress = progress or _silent
-    ckpt = Checkpoint.open(folder)
+    ckpt = open_checkpoint(folder)
     hw = resolve_hardware()
     plan = plan_for(ckpt, plan_file, hw, grid, store)
     rt = open_runtime(ckpt, plan, store, progress=lambda done, total: progress("loading weights", done, total))
@@ -180,7 +181,8 @@ def measure(rt, plan, grid: Grid, progress) -> tuple[list, RoutingCounter]:
     from cpu_kernels.formats import parse_format
     from placement import memory
 
-    expert_bytes = memory.expert_bytes(rt.model.config, str(parse_format(plan.settings.expert_format)))
+    fmt = plan.settings.expert_format
+    expert_bytes = memory.expert_bytes(rt.model.config, fmt if fmt == memory.GGUF else str(parse_format(fmt)))
     counter = RoutingCounter().attach(rt.model)
     runs = []
     for i, (n, b) in enumerate(grid.points):

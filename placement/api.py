@@ -1,9 +1,11 @@
 """What `hybrid plan` does, callable without a terminal: make, check or translate a plan, and save it."""
 
+from dataclasses import replace
+
 from hybrid.errors import PlanError
 from placement.hardware import Hardware
 from placement.ktransformers import translate
-from placement.memory import GIB, largest_chunk
+from placement.memory import GGUF, GIB, largest_chunk
 from placement.plan import Architecture, Plan, Settings
 from placement.plan_file import load_plan, save_plan
 from placement.planner import (DEFAULT_CONTEXT, WORKSPACE_SHARE, PlanRequest, PlanResult, evaluate,
@@ -19,7 +21,7 @@ def plan_command(model, hardware_file, check_file, ktransformers_file, output, f
     name, cfg = resolve_model(model)
     counts = load_routing_counts(flags["routing_stats"]) if flags.get("routing_stats") else None
     req = PlanRequest(context_length=flags.get("context"), batch=flags.get("batch", 1),
-                      expert_format=flags.get("expert_format") or "int4",
+                      expert_format=flags.get("expert_format"),
                       gpu_expert_layers=flags.get("gpu_expert_layers"), routing_counts=counts,
                       allow_disk=bool(flags.get("allow_disk")))
     hw = resolve_hardware(hardware_file, **{k: flags.get(k) for k in HW_FLAGS})
@@ -41,6 +43,7 @@ def from_ktransformers(path, name, cfg, hw: Hardware, req: PlanRequest, output) 
     """Their rule file translated, with the request's settings, and checked against this machine. The
     translation is written to `output` even when it does not fit, with its notes and the refusal as comments,
     so it can be edited; the refusal is then still raised, saying so."""
+    req = replace(req, expert_format=req.expert_format or (GGUF if cfg.gguf else "int4"))
     t = translate(path, req.expert_format)
     ctx = req.context_length or min(cfg.max_position_embeddings, DEFAULT_CONTEXT)
     budget = int(WORKSPACE_SHARE * (hw.gpu.memory_gib if hw.gpu else hw.ram_available_gib) * GIB)

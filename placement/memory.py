@@ -4,18 +4,22 @@ Groups: embed, lm_head, attention (MLA projections + their norms), norms (per-la
 (gate.weight + correction bias, kept in fp32), shared_experts, dense_mlp (the first_k_dense_replace layers),
 routed_experts. Formats: bf16 and fp32 for GPU/CPU torch tensors; block-FP8 as stored in the checkpoint (one
 byte per value plus an fp32 scale per 128x128 block); the CPU expert store's bf16/int8/int4 (tile padding and
-group scales included, sizes from cpu_kernels.formats).
+group scales included, sizes from cpu_kernels.formats); gguf, a GGUF checkpoint's tensors in the types its file
+stores them in (ModelConfig.stored_types, block sizes from gguf's own table).
 """
 
 import re
 from functools import lru_cache
 
-from cpu_kernels.formats import FORMAT_NAMES, Format, matrix_bytes, parse_format
+from cpu_kernels.formats import WRITABLE_NAMES, Format, matrix_bytes, parse_format
+from cpu_kernels.formats.gguf import block_geometry
 from hybrid.errors import PlanError
 from hybrid.read.config import ModelConfig
-from hybrid.read.names import expected_tensors, parse_expert_key
+from hybrid.read.names import expected_tensors, expert_key, parse_expert_key, stored_key
 
 GIB = 2**30
+GGUF = "gguf"  # the plan format of a GGUF checkpoint's tensors kept as stored
+FLOAT_TYPE_BYTES = {"F32": 4, "F16": 2, "BF16": 2}  # GGUF's unblocked types
 CUDA_CONTEXT_BYTES = int(0.75 * GIB)  # CUDA context + torch allocator slack, seen on 24-80 GB cards
 TORCH_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
 GROUPS = ("embed", "lm_head", "attention", "norms", "router", "shared_experts", "dense_mlp", "routed_experts")
@@ -46,10 +50,13 @@ def numel(shape) -> int:
     return n
 
 
-def tensor_bytes(name: str, shape, fmt: str) -> int:
-    """Bytes of one tensor stored in `fmt` (bf16, fp32, fp8, or an expert-store format like int4 / int8-g64)."""
+def tensor_bytes(name: str, shape, fmt: str, cfg: ModelConfig | None = None) -> int:
+    """Bytes of one tensor stored in `fmt` (bf16, fp32, fp8, an expert-store format like int4 / int8-g64, or
+    gguf: as a GGUF checkpoint stores it, which needs that checkpoint's `cfg`)."""
     if group_of(name) == "router":
         return 4 * numel(shape)  # routers stay fp32 whatever the plan says
+    if fmt == GGUF:
+        return stored_bytes(cfg, name, shape)
     if fmt in TORCH_BYTES:
         return TORCH_BYTES[fmt] * numel(shape)
     if fmt == "fp8":
@@ -57,6 +64,25 @@ def tensor_bytes(name: str, shape, fmt: str) -> int:
             return 2 * numel(shape)
         return numel(shape) + 4 * (-(-shape[0] // 128)) * (-(-shape[1] // 128))
     return matrix_bytes(parse_format(fmt), shape[0], shape[1])
+
+
+@lru_cache(maxsize=16)
+def _stored_types(cfg: ModelConfig) -> dict:
+    return dict(cfg.stored_types)
+
+
+def stored_bytes(cfg: ModelConfig | None, name: str, shape) -> int:
+    """Bytes of tensor `name` [shape] in the type its GGUF checkpoint stores it in (blocks of that type)."""
+    if cfg is None or not cfg.gguf:
+        raise PlanError(f"format {GGUF} keeps tensors as a GGUF checkpoint stores them; "
+                        f"{cfg.source if cfg else 'this model'} is not a GGUF checkpoint")
+    type_name = _stored_types(cfg).get(stored_key(name))
+    if type_name is None:
+        raise PlanError(f"{cfg.source}: the GGUF holds no tensor for {name}")
+    if type_name in FLOAT_TYPE_BYTES:
+        return FLOAT_TYPE_BYTES[type_name] * numel(shape)
+    block, block_bytes = block_geometry(type_name)
+    return numel(shape) // block * block_bytes
 
 
 @lru_cache(maxsize=16)
@@ -77,10 +103,14 @@ def param_counts(cfg: ModelConfig) -> dict[str, int]:
 
 
 def expert_bytes(cfg: ModelConfig, fmt: str) -> int:
-    """One routed expert (gate, up, down) in `fmt`."""
+    """One routed expert (gate, up, down) in `fmt`; for gguf, the mean over the MoE layers of what one expert
+    of each layer really takes (dynamic quants store layers in different types)."""
     H, I = cfg.hidden_size, cfg.moe_intermediate_size
-    return sum(tensor_bytes(f"x.mlp.experts.0.{p}.weight", s, fmt)
-               for p, s in (("gate_proj", (I, H)), ("up_proj", (I, H)), ("down_proj", (H, I))))
+    shapes = (("gate_proj", (I, H)), ("up_proj", (I, H)), ("down_proj", (H, I)))
+    if fmt == GGUF:
+        total = sum(stored_bytes(cfg, expert_key(layer, 0, p), s) for layer in cfg.moe_layers for p, s in shapes)
+        return total // max(len(cfg.moe_layers), 1)
+    return sum(tensor_bytes(f"x.mlp.experts.0.{p}.weight", s, fmt) for p, s in shapes)
 
 
 def kv_cache_bytes(cfg: ModelConfig, context: int, batch: int = 1, dtype_bytes: int = 2) -> int:
@@ -110,6 +140,12 @@ def is_routed_expert(name: str) -> bool:
 def check_expert_format(cfg, fmt_name: str, whose: str, folder) -> None:
     """The CPU kernels read an expert's inputs (hidden_size for gate and up, the expert width for down) in
     whole groups of its format: refuse a model that does not divide, naming a format that fits."""
+    if (fmt_name == GGUF) != cfg.gguf:
+        raise PlanError(f"{folder}: a GGUF checkpoint's routed experts run as stored (expert format {GGUF}); "
+                        f"{whose} asks for {fmt_name}" if cfg.gguf else
+                        f"{whose}: expert format {GGUF} is for GGUF checkpoints; {folder} is not one")
+    if fmt_name == GGUF:
+        return
     try:
         fmt = parse_format(fmt_name)
     except ValueError as e:
@@ -135,8 +171,10 @@ def _fits(cfg: ModelConfig, fmt: Format) -> bool:
 
 def fitting_format(cfg: ModelConfig, preferred: str = "int4") -> str | None:
     """The expert format nearest `preferred` that this model's widths divide: its own group sizes from the
-    largest down, then the other formats; None if none does."""
+    largest down, then the other formats; None if none does. A GGUF checkpoint's experts run as stored."""
+    if cfg.gguf:
+        return GGUF
     fmt = parse_format(preferred)
     candidates = [Format(fmt.name, g) for g in sorted(fmt.spec.group_sizes, reverse=True)] or [fmt]
-    candidates += [parse_format(name) for name in FORMAT_NAMES]
+    candidates += [parse_format(name) for name in WRITABLE_NAMES]
     return next((str(f) for f in candidates if _fits(cfg, f)), None)

@@ -20,9 +20,12 @@ TORCH_FORMATS = ("bf16", "fp32", "fp8")  # fp8: the checkpoint's block-FP8, dequ
 # kernel -> (what it may compute, devices, formats)
 KERNELS = {
     "torch": "any tensor, on cpu or cuda:N, in bf16 or fp32 (or fp8 for the checkpoint's block-FP8 projections)",
-    "cpu_moe": "routed experts only, on cpu, in an expert-store format (bf16, int8, int4, with -g32/-g64/-g128)",
+    "cpu_moe": "routed experts only, on cpu, in an expert-store format (bf16, int8, int4, with -g32/-g64/-g128), "
+               "or gguf: a GGUF checkpoint's experts in their stored blocks",
+    "cpu_gguf": "a GGUF checkpoint's weight matrices outside the routed experts (projections, embedding, head), on "
+                "cpu, in format gguf: computed from their stored blocks by the CPU kernels, never expanded",
 }
-OPTIONS = {"torch": set(), "cpu_moe": {"threads"}}
+OPTIONS = {"torch": set(), "cpu_moe": {"threads"}, "cpu_gguf": {"threads"}}
 BACKINGS = ("ram", "disk")
 # The tensor whose rule says where attention runs: the MLA cache and the attention workspace live there.
 ATTENTION_TENSOR = f"{layer_prefix(0)}.self_attn.kv_a_proj_with_mqa.weight"
@@ -139,9 +142,11 @@ def check_rule(rule: Rule, source: str):
         raise PlanError(f"{at}: unknown kernel {rule.kernel!r}; known: {', '.join(KERNELS)}")
     if rule.kernel == "torch" and rule.format not in TORCH_FORMATS:
         raise PlanError(f"{at}: kernel torch takes format {' or '.join(TORCH_FORMATS)}, not {rule.format!r}")
-    if rule.kernel == "cpu_moe":
-        if rule.device != "cpu":
-            raise PlanError(f"{at}: kernel cpu_moe runs on cpu, not {rule.device}")
+    if rule.kernel in ("cpu_moe", "cpu_gguf") and rule.device != "cpu":
+        raise PlanError(f"{at}: kernel {rule.kernel} runs on cpu, not {rule.device}")
+    if rule.kernel == "cpu_gguf" and rule.format != memory.GGUF:
+        raise PlanError(f"{at}: kernel cpu_gguf takes format {memory.GGUF}, not {rule.format!r}")
+    if rule.kernel == "cpu_moe" and rule.format != memory.GGUF:
         try:
             parse_format(rule.format)
         except ValueError as e:
@@ -213,7 +218,13 @@ def place_all(plan: Plan, cfg: ModelConfig) -> Budget:
         if rule.format == "fp8" and not quantizable(name):
             raise PlanError(f"{rule.where(plan.source)}: format fp8 is only for block-FP8 projection weights, but "
                             f"rule {rule.match!r} also matches {name}")
-        nbytes = memory.tensor_bytes(name, shape, rule.format)
+        if rule.kernel == "cpu_gguf" and (is_expert or len(shape) != 2):
+            raise PlanError(f"{rule.where(plan.source)}: kernel cpu_gguf computes weight matrices outside the routed "
+                            f"experts, but rule {rule.match!r} also matches {name}")
+        if rule.format == memory.GGUF and not cfg.gguf:
+            raise PlanError(f"{rule.where(plan.source)}: format {memory.GGUF} is for GGUF checkpoints, and this "
+                            f"model ({cfg.source}) is not one")
+        nbytes = memory.tensor_bytes(name, shape, rule.format, cfg)
         group = memory.group_of(name)
         dev = by_device.setdefault(rule.device, {})
         dev[group] = dev.get(group, 0) + nbytes

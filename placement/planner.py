@@ -25,6 +25,12 @@ EMBED_RE = r"^model\.embed_tokens\."
 # The block-FP8 projections outside the routed experts: attention, shared experts, dense MLPs.
 FP8_RE = (r"\.(self_attn\.(q_a_proj|q_b_proj|q_proj|kv_a_proj_with_mqa|kv_b_proj|o_proj)"
           r"|mlp\.shared_experts\.\w+|mlp\.(gate|up|down)_proj)\.weight$")
+# A GGUF checkpoint's weight matrices the CPU kernels compute from their blocks (cpu_gguf) when no GPU takes them.
+GGUF_BLOCKS_RE = (r"^model\.embed_tokens\.|^lm_head\.|\.(self_attn\.(q_a_proj|q_b_proj|q_proj|kv_a_proj_with_mqa|o_proj)"
+                  r"|mlp\.shared_experts\.\w+|mlp\.(gate|up|down)_proj)\.weight$")
+# What a GGUF plan keeps on the CPU in its blocks when the rest in bf16 would not fit the GPU: the head, the
+# shared experts and the dense layer (K2: 4.2 B parameters, 8.4 GB in bf16, ~2.5 GB as a 4-5 bit quant).
+GGUF_CPU_PART_RE = r"^lm_head\.|\.mlp\.shared_experts\.\w+\.weight$|\.mlp\.(gate|up|down)_proj\.weight$"
 GPU_EXPERT_FORMAT = "bf16"
 WORKSPACE_SHARE = 0.08  # of GPU memory the prefill workspace may take (it sets the prefill chunk)
 MIN_RAM_EXPERT_SHARE = 0.05  # disk-backed experts need at least this share of them resident to be usable
@@ -37,7 +43,7 @@ class PlanRequest:
 
     context_length: int | None = None  # --context; None: the model's, at most DEFAULT_CONTEXT
     batch: int = 1  # --batch
-    expert_format: str = "int4"  # --experts
+    expert_format: str | None = None  # --experts; None: int4, or gguf (as stored) for a GGUF checkpoint
     gpu_expert_layers: int | None = None  # --gpu-expert-layers; None: as many as fit; 0: none
     routing_counts: dict | None = None  # {layer: [count per expert]}
     allow_disk: bool = False
@@ -52,6 +58,8 @@ class PlanRequest:
                 continue
             if isinstance(value, bool) or not isinstance(value, int) or value < least:
                 raise PlanError(f"{flag} must be a whole number, {least} or more, got {value!r}")
+        if self.expert_format in (None, memory.GGUF):
+            return
         try:
             parse_format(self.expert_format)
         except ValueError as e:
@@ -81,6 +89,7 @@ def load_routing_counts(path) -> dict[int, list[int]]:
 
 
 def make_plan(cfg: ModelConfig, model: str, hw: Hardware, req: PlanRequest = PlanRequest()) -> PlanResult:
+    req = replace(req, expert_format=req.expert_format or (memory.GGUF if cfg.gguf else "int4"))
     memory.check_expert_format(cfg, req.expert_format, "the plan", model)
     ctx = req.context_length or min(cfg.max_position_embeddings, DEFAULT_CONTEXT)
     if ctx > cfg.max_position_embeddings:
@@ -92,8 +101,9 @@ def make_plan(cfg: ModelConfig, model: str, hw: Hardware, req: PlanRequest = Pla
                f" GiB in {req.expert_format}) in RAM for the CPU kernels: {hw.cores} threads"]
     if hw.gpu is None:
         settings = replace(settings, prefill_chunk=512)
-        plan = _base_plan(model, settings, "cpu", req.expert_format, "bf16")
-        reasons.append("no GPU: attention, shared experts and head run on CPU torch in bf16")
+        plan = _base_plan(model, settings, "cpu", req.expert_format, "bf16", cfg)
+        reasons.append("no GPU: attention, shared experts and head run on the CPU kernels in their GGUF blocks"
+                       if cfg.gguf else "no GPU: attention, shared experts and head run on CPU torch in bf16")
         capacity = {}
     else:
         cap = int(hw.gpu.memory_gib * GIB)
@@ -104,7 +114,10 @@ def make_plan(cfg: ModelConfig, model: str, hw: Hardware, req: PlanRequest = Pla
         plan, share, why = _gpu_experts(cfg, plan, cap - need, req)
         reasons.append(f"attention, routers, shared experts, dense layers and head on {main} "
                        + ("in bf16" if weight_format == "bf16" else
-                          "keeping the checkpoint's block-FP8 projections (bf16 would not fit), head in bf16")
+                          "keeping the checkpoint's block-FP8 projections (bf16 would not fit), head in bf16"
+                          if weight_format == "fp8" else
+                          "in bf16, except the head, shared experts and dense layer: on the CPU kernels in their "
+                          "GGUF blocks (all in bf16 would not fit)")
                        + "; embedding lookups on the CPU (one row per token)")
         reasons.append(f"prefill chunk {chunk}: the attention workspace stays under {WORKSPACE_SHARE:.0%} of the GPU")
         reasons.append(why)
@@ -213,20 +226,28 @@ def _gpu_base(cfg, model, settings: Settings, cap: int):
     share, bf16 weights if they fit, else the checkpoint's block-FP8. -> (plan, bytes needed there, weight format)."""
     chunk = memory.largest_chunk(cfg, settings.context_length, int(WORKSPACE_SHARE * cap), settings.batch)
     settings = replace(settings, prefill_chunk=chunk)
-    for weight_format in ("bf16", "fp8") if cfg.fp8_block else ("bf16",):
-        plan = _base_plan(model, settings, settings.cache_device, settings.expert_format, weight_format)
+    fallbacks = ("bf16", "fp8") if cfg.fp8_block else ("bf16", memory.GGUF) if cfg.gguf else ("bf16",)
+    for weight_format in fallbacks:
+        plan = _base_plan(model, settings, settings.cache_device, settings.expert_format, weight_format, cfg)
         need = place_all(plan, cfg).total(settings.cache_device)
         if need <= cap:
             break
     return plan, need, weight_format
 
 
-def _base_plan(model, settings, main_device, expert_format, weight_format) -> Plan:
+def _base_plan(model, settings, main_device, expert_format, weight_format, cfg) -> Plan:
     rules = [Rule(EXPERTS_RE, "cpu", expert_format, "cpu_moe", {"threads": settings.cpu_threads})]
-    if main_device != "cpu":
+    if cfg.gguf:
+        # Kept in their blocks on the CPU, never expanded: the embedding (one row per token) everywhere, and with no
+        # GPU every weight matrix the CPU kernels read (kv_b_proj is rebuilt from attn_k_b/attn_v_b, so torch).
+        blocks = EMBED_RE if main_device != "cpu" else GGUF_BLOCKS_RE
+        rules.append(Rule(blocks, "cpu", memory.GGUF, "cpu_gguf", {"threads": settings.cpu_threads}))
+    elif main_device != "cpu":
         rules.append(Rule(EMBED_RE, "cpu", "bf16", "torch"))
     if weight_format == "fp8":
         rules.append(Rule(FP8_RE, main_device, "fp8", "torch"))
+    if weight_format == memory.GGUF:  # bf16 would not fit: the parts read once per token stay in their blocks
+        rules.append(Rule(GGUF_CPU_PART_RE, "cpu", memory.GGUF, "cpu_gguf", {"threads": settings.cpu_threads}))
     rules.append(Rule(".*", main_device, "bf16", "torch"))
     return Plan(model=model, settings=settings, rules=tuple(rules))
 
@@ -312,7 +333,10 @@ def traffic_of(cfg, plan: Plan, budget: Budget, gpu_share: float, hit_rate: floa
     dev = budget.by_device.get(gpu, {})
     weights = sum(v for g, v in dev.items() if g not in ("routed_experts", "kv_cache", "workspace", "cuda_context",
                                                          "embed"))
-    return Traffic(weights, dev.get("shared_experts", 0), 0, memory.expert_bytes(cfg, plan.settings.expert_format),
+    # what a plan keeps on the CPU besides the routed experts (a GGUF's head and shared experts in their blocks)
+    cpu_dev = budget.by_device.get("cpu", {})
+    on_cpu = sum(v for g, v in cpu_dev.items() if g not in ("routed_experts", "kv_cache", "workspace", "embed"))
+    return Traffic(weights, dev.get("shared_experts", 0), on_cpu, memory.expert_bytes(cfg, plan.settings.expert_format),
                    gpu_share, hit_rate, dense_active, 0)
 
 
@@ -347,7 +371,7 @@ def _ram_refusal(cfg, model, hw, req, need, avail, experts) -> str:
     msg = (f"needs {_gib(need)} GiB of RAM (routed experts {_gib(experts)} in {req.expert_format}, other "
            f"{_gib(need - experts)}), has {_gib(avail)} available: short by {_gib(need - avail)} GiB")
     options = []
-    for fmt in ("int4-g128", "int4-g64"):
+    for fmt in () if cfg.gguf else ("int4-g128", "int4-g64"):  # a GGUF runs as stored: a smaller quant is a download
         if memory.expert_bytes(cfg, fmt) < memory.expert_bytes(cfg, req.expert_format):
             fit = _try(cfg, model, hw, replace(req, expert_format=fmt))
             if fit is not None:

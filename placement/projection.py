@@ -5,7 +5,8 @@ Decode (one token per sequence, `batch` sequences, context c):
     t_cpu    = batch-deduplicated expert bytes streamed from RAM / (RAM bandwidth x kernel efficiency x NUMA factor)
                (NUMA factor: NUMA_UNSPLIT_FACTOR with several nodes, as the kernels do not split experts by node)
                + expert bytes that miss the page cache / disk bandwidth            (disk-backed experts only)
-               + non-expert weights on the CPU / (RAM bandwidth x torch efficiency)  (no-GPU plans only)
+               + non-expert weights on the CPU / (RAM bandwidth x torch efficiency)  (no-GPU plans; a GGUF's parts
+                 a GPU plan keeps in their blocks on the CPU)
     t_shared = shared-expert bytes / GPU bandwidth      (runs while the CPU computes the routed experts)
     t_xfer   = MoE layers x 2 x (batch x H x 2 bytes / PCIe + PCIE_LATENCY_S)   (hidden states down, results up)
     t_token  = (t_gpu - t_shared) + max(t_cpu, t_shared) + t_xfer + layers x layer overhead

@@ -5,13 +5,17 @@ from pathlib import Path
 
 from hybrid.errors import PlanError
 from hybrid.read.config import ModelConfig, load_config
+from hybrid.read.gguf import open_gguf
 from hybrid.read.hub import HUB_ID, hub_config
+from hybrid.read.open import is_gguf
 from placement import presets
 from placement.hardware import Hardware, describe, detect, load_hardware
 
 
 def resolve_model(text: str) -> tuple[str, ModelConfig]:
     path = Path(text)
+    if is_gguf(path):
+        return str(path), open_gguf(path).config  # the headers: every tensor's real type and size
     if path.is_dir():
         return str(path), load_config(path)
     if path.is_file() and path.suffix == ".json":

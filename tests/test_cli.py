@@ -101,11 +101,11 @@ def test_model_names_that_are_not_folders_are_one_line(k2_tiny, tmp_path):
     import shutil
 
     (tmp_path / "K2.gguf").write_bytes(b"GGUF")
-    cases = [(tmp_path / "K2.gguf", "GGUF files cannot be run by this version yet"),
+    cases = [(tmp_path / "K2.gguf", "K2.gguf"),
              (k2_tiny / "config.json", "is a file; give the checkpoint folder"),
              (tmp_path / "missing", "no such folder, and not a Hugging Face id"),
              ("moonshotai/Kimi-K2-Instruct-0905", "not in the Hugging Face cache, and this machine is offline"),
-             ("unsloth/Kimi-K2-Instruct-0905-GGUF:UD-Q2_K_XL", "GGUF quant (UD-Q2_K_XL)")]
+             ("unsloth/Kimi-K2-Instruct-0905-GGUF:UD-Q2_K_XL", "not in the Hugging Face cache, and this machine")]
     env = os.environ | {"HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1"}
     for model, words in cases:
         r = subprocess.run([HYBRID, "generate", str(model), "--prompt-ids", "1"], capture_output=True, text=True,
@@ -119,6 +119,29 @@ def test_model_names_that_are_not_folders_are_one_line(k2_tiny, tmp_path):
     r = subprocess.run([HYBRID, "generate", "moonshotai/Kimi-K2-Instruct-0905", "--prompt-ids", "1,2",
                         "--max-new-tokens", "2", "--json"], capture_output=True, text=True, timeout=300, env=env)
     assert r.returncode == 0 and len(json.loads(r.stdout)["generated_ids"]) == 2, r.stderr
+
+
+def test_a_gguf_quant_from_the_hub_cache_runs(tmp_path):
+    """`org/name:QUANT` resolves to that quant's folder in a GGUF repository from the Hugging Face cache, as
+    llama.cpp's -hf does; a quant the repository lacks is one line."""
+    import os
+
+    from gguf_files import export_gguf
+
+    from hybrid.read.tiny import TinySpec, make_tiny
+
+    src = make_tiny(tmp_path / "tiny", TinySpec(layers=2, experts=4, top_k=2, fp8=False))
+    repo = tmp_path / "hf" / "hub" / "models--unsloth--Tiny-GGUF"
+    export_gguf(src, repo / "snapshots" / "abc123" / "UD-Q8_0", "Q8_0", n_shards=2)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("abc123")
+    env = os.environ | {"HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1"}
+    r = subprocess.run([HYBRID, "generate", "unsloth/Tiny-GGUF:UD-Q8_0", "--prompt-ids", "1,2", "--max-new-tokens",
+                        "2", "--json"], capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode == 0 and len(json.loads(r.stdout)["generated_ids"]) == 2, r.stderr
+    r = subprocess.run([HYBRID, "generate", "unsloth/Tiny-GGUF:Q4_K_M", "--prompt-ids", "1"], capture_output=True,
+                       text=True, timeout=300, env=env)
+    assert r.returncode == 2 and "has no Q4_K_M quant" in r.stderr and len(r.stderr.strip().splitlines()) == 1
 
 
 def test_make_tiny_refuses_to_overwrite(k2_tiny):

@@ -33,7 +33,7 @@ class Stats:
 
 
 def device_of(model) -> torch.device:
-    return model.model.embed_tokens.weight.device
+    return model.embedding_device
 
 
 def new_cache(model, n_positions: int, batch: int = 1, device: torch.device | None = None) -> MLACache:
@@ -45,7 +45,7 @@ def new_cache(model, n_positions: int, batch: int = 1, device: torch.device | No
         raise GenerationError(f"context overflow: {n_positions} positions requested, the limit is "
                               f"{cfg.max_position_embeddings} (max_position_embeddings)")
     device = device if device is not None else model.model.norm.weight.device
-    return MLACache(cfg, n_positions, batch, device=device, dtype=model.model.embed_tokens.weight.dtype)
+    return MLACache(cfg, n_positions, batch, device=device, dtype=model.activation_dtype)
 
 
 # The model is driven through these two functions only: generate() (one sequence), the server's Engine

@@ -9,7 +9,8 @@ What a Runtime decides, each in one place:
   tiny checkpoints, not something to size for 256K positions);
 - prefill chunk: the plan's prefill_chunk, else generate.DEFAULT_PREFILL_CHUNK;
 - sampling defaults: generation_config.json's temperature/top_p/top_k (do_sample false: greedy), else K2's
-  0.6 for kimi_k2 checkpoints; a request's or a flag's values override them (`sampling`);
+  0.6 for kimi_k2 checkpoints (a K2 GGUF: Unsloth's temperature 0.6, min_p 0.01); a request's or a flag's
+  values override them (`sampling`);
 - stop ids: the eos ids of config.json and generation_config.json, plus <|im_end|> when the tokenizer has it;
 - the attention device, where caches are built.
 """
@@ -19,18 +20,21 @@ from pathlib import Path
 
 import torch
 
-from hybrid.generation.chat_template import ChatTemplate, chat_template_for
+from hybrid.generation.chat_template import ChatTemplate, chat_template_for, k2_template
 from hybrid.read.checkpoint import Checkpoint
+from hybrid.read.gguf import GGUFCheckpoint
+from hybrid.read.open import open_checkpoint
 from hybrid.read.config import read_json_object
 from hybrid.errors import ConfigError, GenerationError
 from hybrid.generation.generate import DEFAULT_PREFILL_CHUNK, new_cache
 from hybrid.run.kv_cache import MLACache
 from hybrid.run.loader import cache_device, load_model
 from hybrid.generation.sampling import SamplingParams
-from hybrid.generation.tokenizer import Tokenizer
+from hybrid.generation.tokenizer import TiktokenTokenizer, Tokenizer
 
 NO_PLAN_CONTEXT = 16384
 K2_DEFAULT_TEMPERATURE = 0.6  # Moonshot's recommendation for Kimi-K2-Instruct
+UNSLOTH_K2_SAMPLING = {"temperature": 0.6, "min_p": 0.01}  # Unsloth's K2 GGUF card (GGUFs carry no generation config)
 
 
 @dataclass(frozen=True)
@@ -80,7 +84,7 @@ def open_runtime(folder, plan=None, store=None, progress=None, needs_chat: bool 
     `store`: a converted expert store. Every file is read and
     checked before any weight is loaded, the tokenizer and chat template too when `needs_chat` (chat, serve).
     progress(done, total) follows the load."""
-    ckpt = folder if isinstance(folder, Checkpoint) else Checkpoint.open(folder)
+    ckpt = folder if isinstance(folder, (Checkpoint, GGUFCheckpoint)) else open_checkpoint(folder)
     folder = Path(ckpt.folder)
     if plan is not None and not hasattr(plan, "settings"):
         from placement.plan_file import load_checked_plan
@@ -88,9 +92,14 @@ def open_runtime(folder, plan=None, store=None, progress=None, needs_chat: bool 
         plan = load_checked_plan(plan, ckpt.config)
     if store is None and plan is not None:
         store = plan.settings.expert_store  # a plan may name its store: --store is then not needed
-    tokenizer = Tokenizer.from_folder(folder)
-    template = chat_template_for(folder, tokenizer, required=False) if tokenizer is not None else None
-    generation = read_generation_config(folder)
+    if isinstance(ckpt, GGUFCheckpoint):
+        tokenizer, template, sampling = gguf_chat_parts(ckpt)
+        generation = {}  # a GGUF has no generation_config.json
+    else:
+        tokenizer = Tokenizer.from_folder(folder)
+        template = chat_template_for(folder, tokenizer, required=False) if tokenizer is not None else None
+        generation = read_generation_config(folder)
+        sampling = default_sampling(generation, ckpt.config.model_type)
     if needs_chat:
         require_chat(folder, tokenizer, template)  # its one line before minutes of loading
     model = load_model(ckpt, plan=plan, store=store, progress=progress)
@@ -99,8 +108,23 @@ def open_runtime(folder, plan=None, store=None, progress=None, needs_chat: bool 
         max_context, chunk = plan.settings.context_length, plan.settings.prefill_chunk or DEFAULT_PREFILL_CHUNK
     else:
         max_context, chunk = min(cfg.max_position_embeddings, NO_PLAN_CONTEXT), DEFAULT_PREFILL_CHUNK
-    return Runtime(folder, model, plan, tokenizer, template, default_sampling(generation, cfg.model_type),
+    return Runtime(folder, model, plan, tokenizer, template, sampling,
                    frozenset(stop_ids(generation, cfg, tokenizer)), max_context, chunk)
+
+
+def gguf_chat_parts(ckpt: GGUFCheckpoint) -> tuple[Tokenizer | None, ChatTemplate | None, dict]:
+    """What a GGUF file set holds for chat: K2's tokenizer rebuilt from its token list, the template from
+    `tokenizer.chat_template` (K2's packaged one when it has none), and, having no generation_config.json,
+    Unsloth's recommended sampling for K2. A tokenizer other than K2's gives no tokenizer (generate
+    --prompt-ids still runs; chat and serve say why they cannot)."""
+    try:
+        tokenizer = TiktokenTokenizer.from_gguf(ckpt)
+    except ConfigError:
+        return None, None, {}
+    text = ckpt.tokenizer_pieces()[3]
+    template = (ChatTemplate({"default": text}, f"{ckpt.folder} (GGUF tokenizer.chat_template)",
+                             tokenizer.special_tokens_map) if text else k2_template(tokenizer.special_tokens_map))
+    return tokenizer, template, dict(UNSLOTH_K2_SAMPLING) if ckpt.config.model_type == "kimi_k2" else {}
 
 
 def require_chat(folder, tokenizer, template) -> ChatTemplate:
@@ -127,7 +151,7 @@ def plan_for_this_machine(ckpt: Checkpoint, store=None, request=None, hw=None):
 
         fmt = read_store_manifest(store)["format"]
     else:
-        fmt = fitting_format(ckpt.config, request.expert_format) or request.expert_format
+        fmt = fitting_format(ckpt.config, request.expert_format or "int4") or request.expert_format
     return make_plan(ckpt.config, str(ckpt.folder), hw or resolve_hardware(), replace(request, expert_format=fmt))
 
 

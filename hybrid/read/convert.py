@@ -41,6 +41,7 @@ from cpu_kernels.formats import Format, check_matrix, parse_format
 from cpu_kernels.store import LayerStoreWriter
 from hybrid.read import names
 from hybrid.read.checkpoint import Checkpoint
+from hybrid.read.open import is_gguf
 from hybrid.errors import ConfigError
 from hybrid.read.expert_store import (
     STORE_MANIFEST,
@@ -67,6 +68,9 @@ def convert(checkpoint_folder, out_folder, fmt: str | Format = "int4", progress=
     tensors (values and FP8 scales), so done/elapsed is the read rate. Returns the store folder.
     Raises ConfigError (format, or a folder holding something else) and CheckpointError (bad checkpoint).
     """
+    if is_gguf(checkpoint_folder):
+        raise ConfigError(f"{checkpoint_folder}: a GGUF's experts run on the CPU kernels as stored; there is "
+                          "nothing to convert (give it to generate, chat, serve or plan as it is)")
     ckpt = Checkpoint.open(checkpoint_folder)
     cfg = ckpt.config
     fmt = _parse_format(fmt, cfg)
@@ -92,6 +96,8 @@ def convert(checkpoint_folder, out_folder, fmt: str | Format = "int4", progress=
 def _parse_format(fmt, cfg) -> Format:
     try:
         fmt = fmt if isinstance(fmt, Format) else parse_format(fmt)
+        if fmt.spec.quantize is None:
+            raise ValueError("GGUF types are read as released, convert writes bf16, int8 or int4")
         check_matrix(fmt, cfg.moe_intermediate_size, cfg.hidden_size)
         check_matrix(fmt, cfg.hidden_size, cfg.moe_intermediate_size)
     except ValueError as e:

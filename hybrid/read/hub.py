@@ -5,7 +5,8 @@ A hub id resolves through huggingface_hub: the local Hugging Face cache first (`
 shares it), then a download of only the files a run reads (config, safetensors shards and their index,
 tokenizer, chat template, generation config: not README images or remote code), with huggingface_hub's
 progress bars. Offline and not cached, or an id that does not exist: one line saying which and what to do.
-`org/name:QUANT` names a quant of a GGUF repository, which this version cannot run yet.
+`org/name:QUANT` names one quant of a GGUF repository (Unsloth's `unsloth/Kimi-K2-Instruct-0905-GGUF:UD-Q2_K_XL`,
+as llama.cpp's `-hf` takes it): only that quant's files are fetched, from its folder or by its name.
 """
 
 import re
@@ -25,24 +26,36 @@ def resolve_model(ref: str) -> Path:
         return path
     if path.is_file():
         if path.suffix == ".gguf":
-            raise CheckpointError(f"{ref}: GGUF files cannot be run by this version yet; give a safetensors "
-                                  "checkpoint folder (a Hugging Face download of the model)")
-        raise CheckpointError(f"{ref}: is a file; give the checkpoint folder that holds config.json")
+            return path  # one GGUF file, or the first of a split set
+        raise CheckpointError(f"{ref}: is a file; give the checkpoint folder that holds config.json, or a .gguf")
     if not HUB_ID.match(ref) or ref.startswith((".", "/", "~")):
         raise CheckpointError(f"{ref}: no such folder, and not a Hugging Face id (org/name)")
     repo, _, quant = ref.partition(":")
     if quant:
-        raise CheckpointError(f"{ref}: a GGUF quant ({quant}) of {repo}; GGUF files cannot be run by this "
-                              "version yet")
+        return _quant_files(_from_hub(repo, gguf_patterns(quant)), ref, quant)
     return _from_hub(repo)
+
+
+def gguf_patterns(quant: str) -> list[str]:
+    """The files of one quant: its folder (Unsloth's layout), or files named for it in the repository's root."""
+    return [f"{quant}/*.gguf", f"*-{quant}.gguf", f"*-{quant}-*-of-*.gguf"]
+
+
+def _quant_files(snapshot: Path, ref: str, quant: str) -> Path:
+    if (snapshot / quant).is_dir():
+        return snapshot / quant
+    found = sorted(snapshot.glob(f"*-{quant}.gguf")) or sorted(snapshot.glob(f"*-{quant}-*-of-*.gguf"))
+    if not found:
+        raise CheckpointError(f"{ref}: the repository has no {quant} quant (no {quant}/ folder or *-{quant}.gguf)")
+    return found[0]
 
 
 def hub_config(ref: str) -> Path:
     """Only the config.json of a hub id (what planning reads: not a terabyte of shards), cached or downloaded."""
     repo, _, quant = ref.partition(":")
     if quant:
-        raise CheckpointError(f"{ref}: a GGUF quant ({quant}) of {repo}; GGUF files cannot be planned by this "
-                              "version yet")
+        raise CheckpointError(f"{ref}: a GGUF quant is planned from its file headers, which means downloading it; "
+                              f"`hybrid generate {ref} ...` downloads it, then `hybrid plan FOLDER` reads its headers")
     return _from_hub(repo, ["config.json"]) / "config.json"
 
 

@@ -32,8 +32,8 @@ class Fp8Linear(nn.Module):
 
 
 def dense_weight(linear: nn.Module, dtype) -> torch.Tensor:
-    """The [out, in] weight of an nn.Linear or Fp8Linear in `dtype`."""
-    if isinstance(linear, Fp8Linear):
+    """The [out, in] weight of an nn.Linear, Fp8Linear or BlockLinear (hybrid.run.blocks) in `dtype`."""
+    if hasattr(linear, "dense_weight"):
         return linear.dense_weight(dtype)
     return linear.weight.to(dtype)
 

@@ -15,11 +15,15 @@ from torch import nn
 
 from hybrid.read import names
 from hybrid.read.checkpoint import Checkpoint
+from hybrid.read.gguf import GGUFCheckpoint
+from hybrid.read.open import open_checkpoint
 from hybrid.errors import CheckpointError, PlanError
+from hybrid.run.blocks import BlockEmbedding, BlockLinear
 from hybrid.run.experts import HybridExperts
 from hybrid.run.layers import MLP, Fp8Linear, MoE
 from hybrid.run.model import DeepseekV3ForCausalLM
 from placement.hardware import device_here
+from placement.memory import GGUF
 from placement.plan import ATTENTION_TENSOR
 
 FP32_ALWAYS = ("mlp.gate.weight", "e_score_correction_bias")
@@ -37,31 +41,36 @@ def cache_device(plan) -> torch.device:
     return torch_device(plan.cache_device) if plan is not None else torch.device("cpu")
 
 
-def _check_backing(plan, store):
+def _check_backing(plan, store, cfg):
     """Disk-backed experts are the store's memory map, paged in as used; quantizing at load would hold every
-    expert in RAM, which the plan says does not fit."""
-    if plan.settings.expert_backing == "disk" and store is None and any(r.kernel == "cpu_moe" for r in plan.rules):
+    expert in RAM, which the plan says does not fit. A GGUF checkpoint is its own memory map."""
+    if (plan.settings.expert_backing == "disk" and store is None and not cfg.gguf
+            and any(r.kernel == "cpu_moe" for r in plan.rules)):
         raise PlanError(f"{plan.source}: expert_backing disk keeps routed experts memory-mapped from an expert "
                         f"store: give one (--store, from hybrid convert); quantizing at load would hold them in RAM")
 
 
 def compute_dtype(plan, cfg) -> torch.dtype:
-    """fp32 only when the plan keeps the attention in fp32; bf16 otherwise (fp8 computes in bf16)."""
+    """fp32 only when the plan keeps the attention in fp32; bf16 otherwise (fp8 computes in bf16). Attention kept
+    in GGUF blocks (cpu_gguf, computed in float32 whatever the activations) follows the final norm's rule."""
     rule = plan.rule_for(ATTENTION_TENSOR)
+    if rule is not None and rule.kernel == "cpu_gguf":
+        rule = plan.rule_for("model.norm.weight")
     return torch.float32 if rule is not None and rule.format == "fp32" else torch.bfloat16
 
 
 def load_model(checkpoint, plan=None, store=None, dtype=torch.float32, progress=None) -> DeepseekV3ForCausalLM:
     """checkpoint: a Checkpoint or a folder; plan: a placement Plan or None; store: a converted expert-store
     folder for the cpu_moe experts (else they are quantized from the checkpoint). progress(done, total)."""
-    ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else Checkpoint.open(checkpoint)
+    ckpt = checkpoint if isinstance(checkpoint, (Checkpoint, GGUFCheckpoint)) else open_checkpoint(checkpoint)
     cfg = ckpt.config
     with torch.device("meta"):
         model = DeepseekV3ForCausalLM(cfg)
     if plan is not None:
-        _check_backing(plan, store)
+        _check_backing(plan, store, cfg)
         dtype = compute_dtype(plan, cfg)
         _install_cpu_experts(model, ckpt, plan, store, dtype)
+        _install_gguf_blocks(model, ckpt, plan, dtype)
     params = dict(model.named_parameters())
     unknown = set(params) - set(names.expected_tensors(cfg))
     if unknown:  # the model and names.py disagree: a bug here, not in the user's files
@@ -117,13 +126,15 @@ def _install_cpu_experts(model, ckpt, plan, store, dtype):
         rule = cpu_rules[0]
         threads = int(rule.options.get("threads", plan.settings.cpu_threads))
         worker = workers.setdefault(threads, KernelThreads(threads))
-        fmt = parse_format(rule.format)
-        if layer in store_layers:
+        if rule.format == GGUF:
+            cpu = MoEExperts(_gguf_layer(ckpt, layer), threads=worker)
+        elif layer in store_layers:
             cpu = MoEExperts.from_store(store_layers[layer], threads=worker)
-            if cpu.fmt != fmt:
-                raise PlanError(f"{store_layers[layer]}: expert store holds {cpu.fmt}, the plan asks for {fmt}")
+            if cpu.fmt != parse_format(rule.format):
+                raise PlanError(f"{store_layers[layer]}: expert store holds {cpu.fmt}, the plan asks for "
+                                f"{parse_format(rule.format)}")
         else:
-            cpu = MoEExperts(_quantized_layer(ckpt, layer, fmt), threads=worker)
+            cpu = MoEExperts(_quantized_layer(ckpt, layer, parse_format(rule.format)), threads=worker)
         with torch.device("meta"):
             gpu = {e: MLP(cfg.hidden_size, cfg.moe_intermediate_size)
                    for e, r in rules.items() if r is not None and r.kernel != "cpu_moe"}
@@ -140,6 +151,56 @@ def _quantized_layer(ckpt, layer, fmt):
     cfg = ckpt.config
     writer = MemoryLayerWriter(fmt, cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size)
     return quantize_layer(ckpt, layer, writer)
+
+
+def _gguf_layer(ckpt, layer):
+    """One layer's routed experts of a GGUF checkpoint for the CPU kernels: its blocks as the file stores them
+    (zero-copy views of the memory map) when the kernels read their types, else (float experts, or a type
+    without kernels) copied into an in-memory bf16 store."""
+    from cpu_kernels.formats import GGUF_NAMES, Format
+    from cpu_kernels.store import ExpertStore
+
+    cfg, blocks = ckpt.config, ckpt.expert_blocks(layer)
+    if all(type_name in GGUF_NAMES for type_name, _ in blocks.values()):
+        formats = {proj: Format(type_name) for proj, (type_name, _) in blocks.items()}
+        try:
+            return ExpertStore.from_blocks(formats, cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size,
+                                           {proj: view for proj, (_, view) in blocks.items()})
+        except ValueError:  # a shape the block kernels' tiles do not divide: the copy below
+            pass
+    return _quantized_layer(ckpt, layer, Format("bf16"))
+
+
+def _install_gguf_blocks(model, ckpt, plan, dtype):
+    """Weight matrices the plan computes from their GGUF blocks (kernel cpu_gguf) become BlockLinear or
+    BlockEmbedding modules over the memory-mapped blocks. One stored as floats, or in a type or shape the kernels
+    do not read, stays an ordinary parameter and is loaded (dequantized) with the rest."""
+    from cpu_kernels import KernelThreads
+    from cpu_kernels.dense import DenseMatrix
+    from cpu_kernels.formats import GGUF_NAMES, Format, check_matrix
+
+    worker = None  # its own threads: the shared expert runs while the routed experts' worker is busy
+    for name, _ in list(model.named_parameters()):
+        rule = plan.rule_for(name)
+        if rule is None or rule.kernel != "cpu_gguf":
+            continue
+        if name == "model.embed_tokens.weight" and ckpt.config.tie_word_embeddings:
+            continue  # the head multiplies by the table itself
+        type_name, blocks = ckpt.blocks(name)
+        n_out, n_in = ckpt.tensors[name].shape
+        if type_name not in GGUF_NAMES:
+            continue
+        try:
+            check_matrix(Format(type_name), n_out, n_in)
+        except ValueError:
+            continue
+        if worker is None:
+            worker = KernelThreads(int(rule.options.get("threads", plan.settings.cpu_threads)))
+        matrix = DenseMatrix.from_blocks(Format(type_name), blocks, n_in, worker)
+        module_name = name.rpartition(".")[0]
+        parent, _, leaf = module_name.rpartition(".")
+        block = BlockEmbedding(matrix, dtype) if name == "model.embed_tokens.weight" else BlockLinear(matrix)
+        setattr(model.get_submodule(parent), leaf, block)
 
 
 def _store_layers(store, ckpt) -> dict:

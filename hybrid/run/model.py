@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from hybrid.read.config import ModelConfig
+from hybrid.run.blocks import BlockEmbedding, BlockLinear
 from hybrid.run.experts import TorchExperts
 from hybrid.run.layers import MLP, Attention, Deferred, MoE, RMSNorm
 from hybrid.run.rope import Rope
@@ -57,6 +58,18 @@ class DeepseekV3ForCausalLM(nn.Module):
         self.rope = Rope(cfg)
         self.deferred = None
 
+    @property
+    def embedding_device(self) -> torch.device:
+        """Where token ids go in: the embedding table's device (a plan may keep it on the CPU)."""
+        embed = self.model.embed_tokens
+        return embed.device if isinstance(embed, BlockEmbedding) else embed.weight.device
+
+    @property
+    def activation_dtype(self) -> torch.dtype:
+        """The dtype of the hidden states: the embedding's (and so the cache's)."""
+        embed = self.model.embed_tokens
+        return embed.dtype if isinstance(embed, BlockEmbedding) else embed.weight.dtype
+
     def set_recorder(self, rec):
         """Hand one timing recorder (hybrid.run.timing) to every module that marks sections; NULL_RECORDER: off."""
         for module in self.modules():
@@ -84,7 +97,7 @@ class DeepseekV3ForCausalLM(nn.Module):
         it; without one, each row is a whole sequence starting at position 0.
         """
         B, T = ids.shape
-        embed, main = self.model.embed_tokens.weight.device, self.model.norm.weight.device
+        embed, main = self.embedding_device, self.model.norm.weight.device
         if cache is not None:
             slots = list(range(B)) if slots is None else list(slots)
             starts = torch.tensor(cache.begin(slots, T), device=main)
@@ -109,5 +122,7 @@ class DeepseekV3ForCausalLM(nn.Module):
             x = x[:, -1:]
         with self.rec.section("lm_head"):
             x = self.model.norm(x)
+            if isinstance(self.lm_head, BlockLinear):  # a GGUF head kept in its blocks (plan kernel cpu_gguf)
+                return self.lm_head(x).float()
             head = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
             return torch.nn.functional.linear(x, head.to(x.device)).float()
