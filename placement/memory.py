@@ -66,9 +66,17 @@ def tensor_bytes(name: str, shape, fmt: str, cfg: ModelConfig | None = None) -> 
     return matrix_bytes(parse_format(fmt), shape[0], shape[1])
 
 
-@lru_cache(maxsize=16)
+_STORED: dict[int, tuple] = {}  # id(cfg) -> (cfg, its stored_types as a dict)
+
+
 def _stored_types(cfg: ModelConfig) -> dict:
-    return dict(cfg.stored_types)
+    # By identity: hashing a config hashes its ~1,000 stored types, and this runs once per tensor (K2: 70k).
+    hit = _STORED.get(id(cfg))
+    if hit is None or hit[0] is not cfg:
+        if len(_STORED) >= 16:
+            _STORED.clear()
+        hit = _STORED[id(cfg)] = (cfg, dict(cfg.stored_types))
+    return hit[1]
 
 
 def stored_bytes(cfg: ModelConfig | None, name: str, shape) -> int:
