@@ -19,6 +19,8 @@ from .phases import dense_phase
 from .prefill import BLOCK_TOKENS
 from .threads import KernelThreads, split_range
 
+INLINE_BYTES = 1 << 20  # weight bytes x tokens below which one thread does it (a hand-off costs ~50-100 us)
+
 
 class DenseMatrix:
     def __init__(self, fmt: Format, values: np.ndarray, n_out: int, n_in: int, threads: KernelThreads):
@@ -46,8 +48,14 @@ class DenseMatrix:
         if x.dtype != np.float32 or x.ndim != 2 or x.shape[1] != self.n_in or not x.flags.c_contiguous:
             raise ValueError(f"x must be C-contiguous float32 [T, {self.n_in}], got {x.dtype} {x.shape}")
         y = np.empty((x.shape[0], self.n_out), np.float32)
-        n_parts, kind, n_tiles = self._threads.n_threads, self.fmt.spec.kind, self.values.shape[0]
-        ybuf = self._threads.buffer("dense_ybuf", (n_parts, BLOCK_TOKENS, self.fmt.spec.tile_rows), np.float32)
+        kind, n_tiles = self.fmt.spec.kind, self.values.shape[0]
+        # A small matrix is done before the thread pool would have handed out its parts: run it here.
+        n_parts = 1 if self.values.nbytes * x.shape[0] < INLINE_BYTES else self._threads.n_threads
+        ybuf = self._threads.buffer("dense_ybuf", (self._threads.n_threads, BLOCK_TOKENS, self.fmt.spec.tile_rows),
+                                    np.float32)
+        if n_parts == 1:
+            dense_phase(kind, self.values, self.scales, x, y, 0, n_tiles, ybuf[0])
+            return y
 
         def part(p):
             t0, t1 = split_range(n_tiles, p, n_parts)

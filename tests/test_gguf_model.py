@@ -97,6 +97,18 @@ def test_every_type_on_its_blocks_equals_gguf_dequantize(mixed):
     assert greedy(ours) == greedy(reference)
 
 
+def test_experts_without_block_kernels_run_from_a_bf16_copy(tiny_hf, tmp_path):
+    """Routed experts in a type the block kernels do not read (IQ4_NL here; BF16 or F32 experts alike) are
+    dequantized into a bf16 store at load: the model still runs, within bf16 rounding of the reference."""
+    folder = export_gguf(tiny_hf, tmp_path / "nl", {"_exps": "IQ4_NL", "": "Q8_0"})
+    ckpt = open_checkpoint(folder)
+    ours = load_model(ckpt, plan=fp32_plan())
+    assert str(ours.model.layers[1].mlp.experts.cpu.store.fmt) == "bf16"
+    ids = torch.tensor([PROMPT])
+    want = load_model(ckpt)(ids)
+    assert float((ours(ids) - want).norm() / want.norm()) < 1e-2
+
+
 def test_planned_for_this_machine_runs_on_the_blocks(mixed):
     """What `hybrid generate GGUF` does without --plan: the planner keeps every matrix in its blocks on a
     machine without GPU (bf16 activations), and the greedy tokens follow the reference's."""

@@ -96,6 +96,23 @@ def test_config_is_the_source_checkpoints(k2_tiny, float_split, q8_kv_b):
     same_config(open_gguf(q8_kv_b).config, hf)  # key/value_length per head, as files before MLA-as-MQA have
 
 
+def test_yarn_betas_absent_are_the_models_own(k2_tiny, v3_tiny, out):
+    """llama.cpp's converter writes no YaRN betas for deepseek2: a K2 file then runs K2's 1 and 1 (its config.json,
+    what transformers runs), a DeepSeek-V3 file V3's 32 and 1."""
+    def drop_betas(pre):
+        def edit(meta):
+            for key in [k for k in meta if "yarn_beta" in k]:
+                del meta[key]
+            meta["tokenizer.ggml.pre"] = Meta(meta["tokenizer.ggml.pre"].type, pre)  # what tells K2 from V3
+        return edit
+
+    for src, pre, beta_fast in ((k2_tiny, "kimi-k2", 1.0), (v3_tiny, "deepseek-v3", 32.0)):
+        folder = export_gguf(src, out / f"betas-{pre}", "F32", edit_metadata=drop_betas(pre))
+        scaling = open_gguf(folder).config.rope_scaling
+        assert (scaling.beta_fast, scaling.beta_slow) == (beta_fast, 1.0)
+        assert scaling == Checkpoint.open(src).config.rope_scaling
+
+
 def test_float_weights_equal_the_checkpoint(k2_tiny, float_split):
     hf, ckpt = Checkpoint.open(k2_tiny), open_gguf(float_split)
     reference = gguf.GGUFReader  # where gguf-py finds each tensor, and its type

@@ -351,7 +351,7 @@ def model_config(meta: Metadata, tensor_names) -> ModelConfig:
     has_bias = any(n.endswith(".exp_probs_b.bias") for n in tensor_names)
     eos = [meta.int(f"tokenizer.ggml.{k}_token_id", optional=True, minimum=0) for k in ("eos", "eot")]
     raw = {
-        "model_type": "kimi_k2" if meta.str("tokenizer.ggml.pre", default="") == K2_PRE_TOKENIZER else "deepseek_v3",
+        "model_type": "kimi_k2" if _is_k2(meta) else "deepseek_v3",
         "vocab_size": len(meta.array("tokenizer.ggml.tokens", (_STRING,), "an array of strings")),
         "hidden_size": meta.int(a + "embedding_length"),
         "intermediate_size": meta.int(a + "feed_forward_length"),
@@ -386,6 +386,11 @@ def model_config(meta: Metadata, tensor_names) -> ModelConfig:
     return parse_config(raw, f"{meta.path} (GGUF metadata)")
 
 
+def _is_k2(meta: Metadata) -> bool:
+    """Kimi-K2 and DeepSeek-V3 share the deepseek2 architecture; K2's tokenizer tells them apart."""
+    return meta.str("tokenizer.ggml.pre", default="") == K2_PRE_TOKENIZER
+
+
 def _rope_scaling(meta: Metadata) -> dict | None:
     a = ARCH + ".rope.scaling."
     kind = meta.str(a + "type", default="none")
@@ -398,8 +403,10 @@ def _rope_scaling(meta: Metadata) -> dict | None:
     mscale = float(f"{meta.float(a + 'yarn_log_multiplier', default=0.0) / 0.1:.9g}")
     return {"type": "yarn", "factor": meta.float(a + "factor"),
             "original_max_position_embeddings": meta.int(a + "original_context_length"),
-            # absent in files converted before llama.cpp wrote them; llama.cpp then runs 32 and 1
-            "beta_fast": meta.float(a + "yarn_beta_fast", default=32.0),
+            # Absent from deepseek2 files as llama.cpp's converter writes them (and llama.cpp 0.3.36 ignores them,
+            # running 32 and 1). The model's own values are what it was trained with: K2's config.json says 1 and
+            # 1, DeepSeek-V3's 32 and 1. So a K2 GGUF runs K2's RoPE here, as transformers does, not llama.cpp's.
+            "beta_fast": meta.float(a + "yarn_beta_fast", default=1.0 if _is_k2(meta) else 32.0),
             "beta_slow": meta.float(a + "yarn_beta_slow", default=1.0),
             "mscale": mscale, "mscale_all_dim": mscale}
 
