@@ -15,7 +15,7 @@ import numpy as np
 from numba import njit
 
 from ..spec import FASTMATH
-from .iq_lanes import f32, half_at, half_to_float, hsum8, load8, store8, u8, u16, zeros8
+from .lanes import f32, half_at, half_to_float, hsum8, load8, store8, u8, u16, zeros8
 from .iq_tables import GRID_IQ1, GRID_IQ1_EIGHTHS
 
 IQ1_S_BYTES, IQ1_M_BYTES = 50, 56

@@ -18,7 +18,7 @@ import numpy as np
 from numba import njit
 
 from ..spec import FASTMATH
-from .iq_lanes import half_at, hsum8, load8, store8, u8, u16, u32, zeros8
+from .lanes import half_at, hsum8, load8, store8, u8, u16, u32, zeros8
 from .iq_tables import GRID_IQ2_S, GRID_IQ2_XS, GRID_IQ2_XXS, SIGNS7, SIGNS8
 
 IQ2_XXS_BYTES, IQ2_XS_BYTES, IQ2_S_BYTES = 66, 74, 82

@@ -14,7 +14,7 @@ import numpy as np
 from numba import njit
 
 from ..spec import FASTMATH
-from .iq_lanes import half_at, hsum8, load8, load4x2, store8, u8, u32, zeros8
+from .lanes import half_at, hsum8, load8, load4x2, store8, u8, u32, zeros8
 from .iq_tables import GRID_IQ3_S, GRID_IQ3_XXS, SIGNS7, SIGNS8
 
 IQ3_XXS_BYTES, IQ3_S_BYTES = 98, 110

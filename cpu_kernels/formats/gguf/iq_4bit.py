@@ -10,7 +10,7 @@ import numpy as np
 from numba import njit
 
 from ..spec import FASTMATH
-from .iq_lanes import half_at, hsum8, load8, lookup16, store8, u8, u16, zeros8
+from .lanes import half_at, hsum8, load8, lookup16, store8, u8, u16, zeros8
 from .iq_tables import IQ4_LEVELS
 
 IQ4_XS_BYTES = 136

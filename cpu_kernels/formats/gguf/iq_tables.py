@@ -2,7 +2,7 @@
 
 The grids are part of each format's definition; they are built here at import from gguf-py's own copy
 (`gguf.quants.<TYPE>.init_grid()`), never written out in our source. Grid entry e of an 8-wide grid is
-GRID[8e : 8e + 8]; of a 4-wide grid GRID[4e : 4e + 4]. Grid values are small integers, kept as int8 (iq_lanes.load8
+GRID[8e : 8e + 8]; of a 4-wide grid GRID[4e : 4e + 4]. Grid values are small integers, kept as int8 (lanes.load8
 converts them): the 2-32 KB tables then stay in L1/L2 beside x (28 KB at n_in = 7168), where float32 copies (up to
 64 KB) did not and cost 20 % on IQ1_S. The sign tables turn a sign code into 8 float32 lanes of +-1.0:
 SIGNS[8s : 8s + 8], lane j negative when bit j of s is set. IQ2_XXS, IQ2_XS and IQ3_XXS store 7 sign bits per 8

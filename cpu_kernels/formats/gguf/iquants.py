@@ -8,7 +8,7 @@ built from gguf-py at import (iq_tables.py). Each module below documents its typ
     iq_4bit.py  IQ4_XS                   iq_3bit.py  IQ3_XXS, IQ3_S
     iq_2bit.py  IQ2_XXS, IQ2_XS, IQ2_S   iq_1bit.py  IQ1_S, IQ1_M
 
-How they compute (iq_lanes.py): a group of 8 weights is a vector — one grid-row load, one sign-row load, one
+How they compute (lanes.py): a group of 8 weights is a vector — one grid-row load, one sign-row load, one
 multiply — against 8 consecutive float32 inputs; the sum over a run sharing a sub-block scale stays in vector lanes
 and is scaled once. Activations stay float32 (llama.cpp rounds them to 8 bits), so the kernels equal a float64
 matmul on gguf-py's dequantized weights to float32 rounding.

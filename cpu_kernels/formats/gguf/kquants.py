@@ -28,7 +28,7 @@ per field, or masking the bytes before widening, ran at half the speed. A field 
 consecutive weights in one sub-block: weight = code * a + b with the sub-block's (a, b), then one multiply-add
 with 8 consecutive inputs. A block's sub-block scales are decoded as lanes too (`_scales_*`) and each (a, b) is
 picked once for the two chunks that share it. Numba's scalar integers are int64, which vectorises four times
-narrower, so the lanes are LLVM vectors (iq_lanes.Lanes8) built by the intrinsics below.
+narrower, so the lanes are LLVM vectors (lanes.Lanes8) built by the intrinsics below.
 
 One loop per type serves the three entry points: its `mode` (a literal, so each mode compiles to its own
 branch-free copy) says what `_eat` does with a chunk's four groups: DOT1 adds them into four independent
@@ -50,7 +50,7 @@ from numba.core.errors import TypingError
 from numba.extending import intrinsic
 
 from ..spec import FASTMATH
-from .iq_lanes import half_at, hsum8, lanes8, load8, store8, u8, zeros8
+from .lanes import half_at, hsum8, lanes8, load8, store8, zeros8
 
 Q2_K, Q3_K, Q4_K, Q5_K, Q6_K = int(T.Q2_K), int(T.Q3_K), int(T.Q4_K), int(T.Q5_K), int(T.Q6_K)
 TQ1_0, TQ2_0 = int(T.TQ1_0), int(T.TQ2_0)
@@ -426,7 +426,8 @@ def _tq1(mode, row, xa, xb, xc, xd):
 
 @njit(nogil=True, cache=True, inline="always")
 def owns(code):
-    return code == Q2_K or code == Q3_K or code == Q4_K or code == Q5_K or code == Q6_K or code == TQ1_0 or code == TQ2_0
+    return (code == Q2_K or code == Q3_K or code == Q4_K or code == Q5_K or code == Q6_K or code == TQ1_0
+            or code == TQ2_0)
 
 
 @njit(nogil=True, cache=True, fastmath=FASTMATH)

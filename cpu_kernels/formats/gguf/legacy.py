@@ -19,7 +19,7 @@ from gguf import GGMLQuantizationType
 from numba import njit
 
 from ..spec import FASTMATH
-from .halves import f16_at
+from .lanes import half_at, hsum8, load8, store8, zeros8
 
 Q8_0 = int(GGMLQuantizationType.Q8_0)
 BLOCK = 32
@@ -34,36 +34,30 @@ def owns(code):
 @njit(nogil=True, cache=True, fastmath=FASTMATH)
 def dot1(code, row, x):
     q = row.view(np.int8)
-    acc = np.float32(0.0)
+    acc = zeros8()
     for b in range(row.shape[0] // BLOCK_BYTES):
         off, c = b * BLOCK_BYTES + 2, b * BLOCK
-        s = np.float32(0.0)
-        for j in range(BLOCK):
-            s += np.float32(q[off + j]) * x[c + j]
-        acc += f16_at(row, off - 2) * s
-    return acc
+        s = load8(q, off) * load8(x, c) + load8(q, off + 8) * load8(x, c + 8)
+        s = s + load8(q, off + 16) * load8(x, c + 16) + load8(q, off + 24) * load8(x, c + 24)
+        acc = acc + s * half_at(row, off - 2)
+    return hsum8(acc)
 
 
 @njit(nogil=True, cache=True, fastmath=FASTMATH)
 def dot4(code, row, X, i0, i1, i2, i3, Y, r):
     q = row.view(np.int8)
     xa, xb, xc, xd = X[i0], X[i1], X[i2], X[i3]
-    a = b_ = c_ = d_ = np.float32(0.0)
+    a, b_, c_, d_ = zeros8(), zeros8(), zeros8(), zeros8()
     for b in range(row.shape[0] // BLOCK_BYTES):
         off, c = b * BLOCK_BYTES + 2, b * BLOCK
-        sa = sb = sc = sd = np.float32(0.0)
-        for j in range(BLOCK):
-            w = np.float32(q[off + j])
-            sa += w * xa[c + j]
-            sb += w * xb[c + j]
-            sc += w * xc[c + j]
-            sd += w * xd[c + j]
-        d = f16_at(row, off - 2)
-        a += d * sa
-        b_ += d * sb
-        c_ += d * sc
-        d_ += d * sd
-    Y[0, r], Y[1, r], Y[2, r], Y[3, r] = a, b_, c_, d_
+        d = half_at(row, off - 2)
+        for j in range(0, BLOCK, 8):
+            w = load8(q, off + j) * d
+            a = a + w * load8(xa, c + j)
+            b_ = b_ + w * load8(xb, c + j)
+            c_ = c_ + w * load8(xc, c + j)
+            d_ = d_ + w * load8(xd, c + j)
+    Y[0, r], Y[1, r], Y[2, r], Y[3, r] = hsum8(a), hsum8(b_), hsum8(c_), hsum8(d_)
 
 
 @njit(nogil=True, cache=True, fastmath=FASTMATH)
@@ -71,6 +65,6 @@ def dequant(code, row, out):
     q = row.view(np.int8)
     for b in range(row.shape[0] // BLOCK_BYTES):
         off, c = b * BLOCK_BYTES + 2, b * BLOCK
-        d = f16_at(row, off - 2)
-        for j in range(BLOCK):
-            out[c + j] = d * np.float32(q[off + j])
+        d = half_at(row, off - 2)
+        for j in range(0, BLOCK, 8):
+            store8(out, c + j, load8(q, off + j) * d)

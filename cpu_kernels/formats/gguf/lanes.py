@@ -1,4 +1,6 @@
-"""Eight float32 lanes held in one SIMD register, and unchecked loads, for the IQ kernels' groups of 8 weights.
+"""Eight float32 lanes held in one SIMD register, unchecked loads and f16 scales, for the GGUF kernels.
+
+Shared by the IQ types (groups of 8 weights), the K-quants and Q8_0.
 
 An IQ group is one grid row (8 values, or two 4-value rows) times 8 signs, against 8 consecutive inputs. Written
 as 8 scalar lines, LLVM's vectoriser either leaves it scalar or vectorises across groups with one gather per lane
@@ -249,8 +251,8 @@ def lookup16(typingctx, table, row, i, shift):
 @intrinsic
 def half_to_float(typingctx, bits):
     """The IEEE half float with bit pattern `bits` (an integer < 2^16), as float32: exact for every pattern
-    (subnormals, inf, nan), branch-free integer ops and one bitcast. halves.f16_at gives the same values but
-    calls math.ldexp, which costs ~30 cycles per block here (the call also spills the vector accumulators)."""
+    (subnormals, inf, nan), branch-free integer ops and one bitcast. Building it with math.ldexp gave the same
+    values at ~30 cycles per block (the call also spilled the vector accumulators)."""
     if not isinstance(bits, types.Integer):
         return None
 
