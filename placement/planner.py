@@ -11,7 +11,7 @@ import json
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from cpu_kernels.formats import parse_format
+from cpu_kernels.formats import WRITABLE_NAMES, parse_format
 from hybrid.errors import HybridError, PlanError
 from hybrid.read.config import ModelConfig, load_config
 from placement import memory, presets
@@ -61,9 +61,12 @@ class PlanRequest:
         if self.expert_format in (None, memory.GGUF):
             return
         try:
-            parse_format(self.expert_format)
-        except ValueError as e:
-            raise PlanError(f"--experts {self.expert_format}: {e}") from None
+            fmt = parse_format(self.expert_format)
+        except ValueError:
+            fmt = None
+        if fmt is None or fmt.spec.quantize is None:  # GGUF types are a file's, not a choice: gguf keeps them
+            raise PlanError(f"--experts {self.expert_format}: not one of {', '.join(WRITABLE_NAMES)} (with -g32, "
+                            f"-g64 or -g128) or {memory.GGUF} (a GGUF checkpoint's experts as stored)")
 
 
 @dataclass(frozen=True)

@@ -39,6 +39,7 @@ def test_kernels_equal_gguf_dequantize_and_float64(name):
     np.testing.assert_allclose(spec.dequantize(blocks, None, None, n_out, n_in), w, rtol=1e-6,
                                atol=1e-6 * np.abs(w).max())
     tiles = blocks.reshape(spec.value_shape(None, n_out, n_in))
+    tiles.flags.writeable = False  # as a memory-mapped file is: one compiled specialisation, the one runs use
     none = np.zeros((0, 0), np.float32)
     x = rng.standard_normal((6, n_in), dtype=np.float32)
     one, four = np.empty((6, n_out), np.float32), np.empty((4, n_out), np.float32)

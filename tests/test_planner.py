@@ -145,7 +145,10 @@ def test_two_gpus_plan_onto_the_first_by_its_name(tmp_path):
 
 
 FLAG_ERRORS = [
-    ("--experts int3", "--experts int3: format name 'int3' is not one of ('bf16', 'int8', 'int4')"),
+    ("--experts int3", "--experts int3: not one of bf16, int8, int4 (with -g32, -g64 or -g128) or gguf (a GGUF "
+                       "checkpoint's experts as stored)"),
+    ("--experts Q4_K", "--experts Q4_K: not one of bf16, int8, int4 (with -g32, -g64 or -g128) or gguf (a GGUF "
+                       "checkpoint's experts as stored)"),
     ("--cores 0", "--cores must be a whole number, 1 or more, got 0"),
     ("--context 0", "--context must be a whole number, 1 or more, got 0"),
     ("--context -5", "--context must be a whole number, 1 or more, got -5"),
