@@ -32,6 +32,9 @@ GGUF_BLOCKS_RE = (r"^model\.embed_tokens\.|^lm_head\.|\.(self_attn\.(q_a_proj|q_
 # shared experts and the dense layer (K2: 4.2 B parameters, 8.4 GB in bf16, ~2.5 GB as a 4-5 bit quant).
 GGUF_CPU_PART_RE = r"^lm_head\.|\.mlp\.shared_experts\.\w+\.weight$|\.mlp\.(gate|up|down)_proj\.weight$"
 GPU_EXPERT_FORMAT = "bf16"
+# The GGUF block kernels decode with float32 activations and are bound by arithmetic, not RAM: 5-9 G weights/s
+# per core across the types (AMD EPYC Zen 3, AVX2, 2.45 GHz; docs/performance.md). 6e9 is their middle.
+GGUF_WEIGHTS_PER_CORE_S = 6e9
 WORKSPACE_SHARE = 0.08  # of GPU memory the prefill workspace may take (it sets the prefill chunk)
 MIN_RAM_EXPERT_SHARE = 0.05  # disk-backed experts need at least this share of them resident to be usable
 DEFAULT_CONTEXT = 32768
@@ -135,6 +138,9 @@ def make_plan(cfg: ModelConfig, model: str, hw: Hardware, req: PlanRequest = Pla
     share = _gpu_share(cfg, plan, req.routing_counts) if hw.gpu is not None else 0.0
     traffic = traffic_of(cfg, plan, budget, share, hit_rate)
     proj = project(cfg, hw, traffic, ctx, req.batch, plan.settings.prefill_chunk)
+    if traffic.kernel_weights_per_core_s:
+        reasons.append(f"the GGUF block kernels decode ~{traffic.kernel_weights_per_core_s / 1e9:.0f} G weights/s "
+                       f"per core (float32 activations): projected at {hw.cores} cores as the slower of that and RAM")
     reasons.append(f"decode is bound by {proj.bound}")
     plan = replace(plan, architecture=Architecture.of(cfg))  # what a plan file records, to match checkpoints by
     return PlanResult(plan, budget, proj, traffic, hw, capacity, tuple(reasons))
@@ -332,7 +338,7 @@ def traffic_of(cfg, plan: Plan, budget: Budget, gpu_share: float, hit_rate: floa
         cpu_dev = budget.by_device.get("cpu", {})
         non_expert = sum(v for g, v in cpu_dev.items() if g not in ("routed_experts", "kv_cache", "workspace", "embed"))
         return Traffic(0, 0, non_expert, memory.expert_bytes(cfg, plan.settings.expert_format), 0.0, hit_rate,
-                       0, dense_active)
+                       0, dense_active, kernel_rate(plan))
     dev = budget.by_device.get(gpu, {})
     weights = sum(v for g, v in dev.items() if g not in ("routed_experts", "kv_cache", "workspace", "cuda_context",
                                                          "embed"))
@@ -340,7 +346,12 @@ def traffic_of(cfg, plan: Plan, budget: Budget, gpu_share: float, hit_rate: floa
     cpu_dev = budget.by_device.get("cpu", {})
     on_cpu = sum(v for g, v in cpu_dev.items() if g not in ("routed_experts", "kv_cache", "workspace", "embed"))
     return Traffic(weights, dev.get("shared_experts", 0), on_cpu, memory.expert_bytes(cfg, plan.settings.expert_format),
-                   gpu_share, hit_rate, dense_active, 0)
+                   gpu_share, hit_rate, dense_active, 0, kernel_rate(plan))
+
+
+def kernel_rate(plan: Plan) -> float:
+    """Weights per second per core the plan's CPU expert kernels decode when that, not RAM, bounds them."""
+    return GGUF_WEIGHTS_PER_CORE_S if plan.settings.expert_format == memory.GGUF else 0.0
 
 
 def _try(cfg, model, hw, req) -> PlanResult | None:

@@ -2,7 +2,8 @@
 
 Decode (one token per sequence, `batch` sequences, context c):
     t_gpu    = (GPU weight bytes read + batch x c x cache bytes/token) / GPU bandwidth
-    t_cpu    = batch-deduplicated expert bytes streamed from RAM / (RAM bandwidth x kernel efficiency x NUMA factor)
+    t_cpu    = batch-deduplicated expert bytes streamed from RAM / (RAM bandwidth x kernel efficiency x NUMA factor),
+               at least their weights / (cores x GGUF_WEIGHTS_PER_CORE_S) for GGUF block types (compute-bound)
                (NUMA factor: NUMA_UNSPLIT_FACTOR with several nodes, as the kernels do not split experts by node)
                + expert bytes that miss the page cache / disk bandwidth            (disk-backed experts only)
                + non-expert weights on the CPU / (RAM bandwidth x torch efficiency)  (no-GPU plans; a GGUF's parts
@@ -41,6 +42,9 @@ class Traffic:
     ram_hit_rate: float = 1.0  # share of CPU expert reads served from RAM (below 1 only for disk-backed experts)
     gpu_active_params: int = 0  # params used per token on the GPU (for prefill FLOPs)
     cpu_active_params: int = 0
+    # weights per second one core's expert kernels decode when they, not RAM, set the pace (GGUF block types);
+    # 0: the kernels keep up with RAM (bf16/int8/int4, measured at 62-85 % of the probe)
+    kernel_weights_per_core_s: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -73,6 +77,9 @@ def project(cfg: ModelConfig, hw: Hardware, tr: Traffic, context: int, batch: in
     # decode
     experts_read = n_moe * unique_experts(E, K, batch) * cpu_share * tr.expert_bytes
     t_cpu = experts_read * tr.ram_hit_rate / cpu_bw + experts_read * (1 - tr.ram_hit_rate) / (hw.disk_read_gbps * 1e9)
+    if tr.kernel_weights_per_core_s:  # decoding the blocks may take longer than reading them
+        weights = n_moe * unique_experts(E, K, batch) * cpu_share * 3 * H * I
+        t_cpu = max(t_cpu, weights / (hw.cores * tr.kernel_weights_per_core_s))
     t_cpu += tr.cpu_weight_bytes / (hw.ram_bandwidth_gbps * 1e9 * hw.cpu_torch_efficiency)
     cache_read = batch * context * cfg.kv_cache_bytes_per_token
     if hw.gpu is not None:
