@@ -5,10 +5,15 @@ Dimension legend: T tokens, H hidden (7168), I expert width (2048), E experts (6
 In one run: a memory read-bandwidth probe (just before and after each decode row), for each format decode (T = 1,
 fresh random experts per token, so the E-expert working set is far beyond L3) in tokens/s and achieved weight
 GB/s, prefill tokens/s and GFLOP/s at 32, 128 and 512 tokens, and the torch baseline the way transformers runs
-experts (a per-expert F.linear loop) in bf16 and fp32. Prints a table (rich), writes JSON with --json. Random
-weights: speed does not depend on the values, and the bf16 bits are kept to normal numbers (no subnormals).
+experts (a per-expert F.linear loop) in bf16 and fp32. Formats are ours (bf16, int8, int4) and the GGUF block
+types (`--formats Q4_K,IQ2_XXS`, or `--gguf` for all), whose GB/s count the type's own bytes; with
+`--llama-python` each GGUF type also gets llama.cpp's row (bench_ggml.py), measured right after ours. Prints a
+table (rich), writes JSON with --json. Random weights: speed does not depend on the values, and the bf16 bits
+are kept to normal numbers (no subnormals); GGUF layers are random valid blocks (formats/gguf/samples.py).
 Memory: one format's layer at a time (bf16: E * 88 MB) beside the 2 GiB probe array, fp32 torch on E/4 experts;
-peak ~8 GB at E = 64.
+peak ~8 GB at E = 64 (a llama.cpp row holds its own copy of the layer, in its own process, after ours is freed).
+Longer than 400 lines because measuring and rendering stay together: the renderers import rich inside their
+functions, which only this module of cpu_kernels may (tests/test_layout.py).
 """
 
 import argparse
@@ -21,9 +26,10 @@ import time
 import numpy as np
 from numba import njit
 
-from .formats import Format, expert_bytes, parse_format, value_dtype_name
+from .formats import GGUF_NAMES, Format, expert_bytes, parse_format, value_dtype_name
 from .formats import scale_shape as one_scale_shape
 from .formats import value_shape as one_value_shape
+from .formats.gguf.samples import random_blocks
 from .moe import MoEExperts
 from .store import PROJECTIONS, ExpertStore, projection_shape
 from .threads import KernelThreads, physical_cores, split_range
@@ -69,9 +75,24 @@ class BandwidthProbe:
         return value, max(before, self.gbps(n_threads))
 
 
+# Decode targets, as a share of the probe at the full thread count, for the GGUF types: Q8_0 and the K-quants
+# read a few bytes of scales per block and then plain integers; IQ and TQ types decode through grids and ternary
+# digits, a lookup or a division per few weights, so they may be compute-bound below the memory limit.
+GGUF_PROBE_TARGET = {"Q8_0": 0.80, "Q2_K": 0.80, "Q3_K": 0.80, "Q4_K": 0.80, "Q5_K": 0.80, "Q6_K": 0.80}
+IQ_TQ_PROBE_TARGET = 0.60
+
+
 def random_store(fmt: Format, n_experts: int, seed: int = 0) -> ExpertStore:
-    """A K2-shaped layer of random codes and scales in `fmt`, made without quantizing (fast)."""
+    """A K2-shaped layer of random codes and scales in `fmt`, made without quantizing (fast). A GGUF type gets
+    random valid blocks ([E, n_out, B] per projection, as a file lays them out): random bytes would put inf or
+    NaN into their f16 scales."""
     rng = np.random.default_rng(seed)
+    if fmt.spec.ggml_type is not None:
+        blocks = {}
+        for name in PROJECTIONS:
+            n_out, n_in = projection_shape(name, H, I)
+            blocks[name] = random_blocks(fmt.name, n_experts * n_out, n_in, rng).reshape(n_experts, n_out, -1)
+        return ExpertStore.from_blocks(dict.fromkeys(PROJECTIONS, fmt), n_experts, H, I, blocks)
     values, scales = {}, {}
     for name in PROJECTIONS:
         n_out, n_in = projection_shape(name, H, I)
@@ -207,15 +228,44 @@ def kt_row(kt_python: str, method: str, n_experts: int, n_threads: int, ref_expe
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+def llama_row(llama_python: str, type_name: str, n_experts: int, n_threads: int, prefill_tokens) -> dict:
+    """llama.cpp's MoE graph (ggml_mul_mat_id) on the same GGUF type and shapes, run by bench_ggml.py in an
+    interpreter with llama-cpp-python built from source (never a dependency)."""
+    script = os.path.join(os.path.dirname(__file__), "bench_ggml.py")
+    tokens = ",".join(map(str, prefill_tokens)) or "-"
+    done = subprocess.run([llama_python, script, type_name, str(n_experts), str(n_threads), tokens],
+                          capture_output=True, text=True, cwd="/tmp")
+    if done.returncode != 0:
+        return {"impl": "llama.cpp", "format": type_name, "threads": n_threads, "error": done.stderr.strip()[-300:]}
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def gguf_targets(ours: dict, llama: dict, n: int) -> list:
+    """The GGUF rows' targets at the full thread count n: decode GB/s / probe, and tok/s / llama.cpp's."""
+    out = []
+    for (fmt, threads), r in sorted(ours.items()):
+        if fmt not in GGUF_NAMES or threads != n:
+            continue
+        want, ratio = GGUF_PROBE_TARGET.get(fmt, IQ_TQ_PROBE_TARGET), r["decode_gbps"] / r["probe_gbps"]
+        out.append((f"{fmt} decode GB/s / probe, {threads} thr", ratio, want, ratio >= want))
+        if (fmt, threads) in llama:
+            ratio = r["decode_tok_s"] / llama[fmt, threads]["decode_tok_s"]
+            out.append((f"{fmt} decode tok/s / llama.cpp, {threads} thr", ratio, 1.0, ratio >= 1.0))
+    return out
+
+
 def targets(result: dict) -> list:
     """(name, measured ratio, target, met) for the issue's targets, from one run's rows and probe."""
     rows = result["rows"]
     n = result["threads"]
     ours = {(r["format"], r["threads"]): r for r in rows if r["impl"] == "cpu_kernels"}
+    llama = {(r["format"], r["threads"]): r for r in rows if r["impl"] == "llama.cpp" and "error" not in r}
     torch_bf16 = next((r for r in rows if r["impl"] == "torch" and r["format"] == "bf16"), None)
     torch_fp32 = next((r for r in rows if r["impl"] == "torch" and r["format"] == "fp32"), None)
     out = []
     for (fmt, threads), r in sorted(ours.items()):
+        if fmt in GGUF_NAMES:
+            continue
         if fmt.startswith(("int4", "int8")):
             want = 0.85 if threads == n else 0.75
             ratio = r["decode_gbps"] / r["probe_gbps"]
@@ -231,7 +281,36 @@ def targets(result: dict) -> list:
         if "prefill512_tok_s" in r:
             ratio = r["prefill512_tok_s"] / r["decode_tok_s"]
             out.append((f"{fmt} prefill-512 tok/s / decode tok/s", ratio, 20.0, ratio >= 20.0))
-    return out
+    return out + gguf_targets(ours, llama, n)
+
+
+def layout_note(r: dict) -> str:
+    """How a llama.cpp row held its weights: llama.cpp's CPU_REPACK layout for the projections it repacked."""
+    if "repacked" not in r:
+        return ""
+    done = r["repacked"]
+    return " (CPU_REPACK)" if len(done) == 3 else f" (CPU_REPACK: {', '.join(done)})" if done else " (plain)"
+
+
+def gguf_comparison(result: dict) -> tuple[list, list]:
+    """Header and rows of the per-type table: ours against llama.cpp at the full thread count, GGUF types only."""
+    n, t = result["threads"], max(result["prefill_tokens"])
+    rows = {(r["impl"], r["format"]): r for r in result["rows"] if r["threads"] == n and "error" not in r}
+    pct = lambda r: f"{100 * r['decode_gbps'] / r['probe_gbps']:.0f}" if r else ""  # noqa: E731
+    num = lambda r, key, fmt: format(r[key], fmt) if r and key in r else ""  # noqa: E731
+    header = ["type", "bits/weight", "ours tok/s", "ours GB/s", "ours % probe", "llama.cpp tok/s", "llama.cpp GB/s",
+              "llama.cpp % probe", "ours / llama.cpp", f"ours pf{t} GFLOP/s", f"llama.cpp pf{t} GFLOP/s", "llama.cpp layout"]
+    out = []
+    for name in GGUF_NAMES:
+        ours, theirs = rows.get(("cpu_kernels", name)), rows.get(("llama.cpp", name))
+        if ours is None:
+            continue
+        ratio = f"{ours['decode_tok_s'] / theirs['decode_tok_s']:.2f}" if theirs else ""
+        out.append([name, f"{Format(name).spec.bits_per_weight(None):.3g}", num(ours, "decode_tok_s", ".1f"),
+                    num(ours, "decode_gbps", ".1f"), pct(ours), num(theirs, "decode_tok_s", ".1f"),
+                    num(theirs, "decode_gbps", ".1f"), pct(theirs), ratio, num(ours, f"prefill{t}_gflops", ".0f"),
+                    num(theirs, f"prefill{t}_gflops", ".0f"), layout_note(theirs).strip(" ()") if theirs else ""])
+    return header, out
 
 
 def print_report(result: dict) -> None:
@@ -256,10 +335,18 @@ def print_report(result: dict) -> None:
             continue
         pct = 100 * r["decode_gbps"] / r["probe_gbps"] if "probe_gbps" in r else float("nan")
         cells = [f"{r.get(f'prefill{t}_tok_s', float('nan')):.1f}" for t in result["prefill_tokens"]]
-        table.add_row(r["impl"] + (f" (E={r['experts']})" if "experts" in r else ""), r["format"], str(r["threads"]),
+        table.add_row(r["impl"] + (f" (E={r['experts']})" if "experts" in r else "") + layout_note(r), r["format"], str(r["threads"]),
                       f"{r['decode_tok_s']:.1f}", f"{r['decode_gbps']:.1f}", f"{pct:.0f}", *cells,
                       f"{r.get(big, float('nan')):.1f}" if big else "")
     console.print(table)
+    header, rows = gguf_comparison(result)
+    if rows:
+        compare = Table(title=f"GGUF types, {result['threads']} threads: ours against llama.cpp")
+        for col in header:
+            compare.add_column(col, justify="left" if col == "type" else "right")
+        for cells in rows:
+            compare.add_row(*cells)
+        console.print(compare)
     goals = Table(title="targets (issue 4)")
     for col in ("target", "measured", "wanted", "met"):
         goals.add_column(col)
@@ -294,9 +381,13 @@ def markdown(result: dict) -> str:
         pct = 100 * r["decode_gbps"] / r["probe_gbps"] if "probe_gbps" in r else float("nan")
         cells = " | ".join(f"{r[f'prefill{t}_tok_s']:.0f}" if f"prefill{t}_tok_s" in r else "" for t in ts)
         gf = r.get(f"prefill{max(ts)}_gflops")
-        impl = r["impl"] + (f" ({r['experts']} experts)" if "experts" in r else "")
+        impl = r["impl"] + (f" ({r['experts']} experts)" if "experts" in r else "") + layout_note(r)
         lines.append(f"| {impl} | {r['format']} | {r['threads']} | {r['decode_tok_s']:.1f} | {r['decode_gbps']:.1f} "
                      f"| {r.get('probe_gbps', float('nan')):.1f} | {pct:.0f} | {cells} | {'' if gf is None else f'{gf:.0f}'} |")
+    header, rows = gguf_comparison(result)
+    if rows:
+        lines += ["", "| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+        lines += ["| " + " | ".join(cells) + " |" for cells in rows]
     lines += ["", "| target | measured | wanted | met |", "| --- | --- | --- | --- |"]
     lines += [f"| {n} | {v:.3f} | >= {w:g} | {'yes' if ok else 'no'} |" for n, v, w, ok in targets(result)]
     return "\n".join(lines) + "\n"
@@ -305,11 +396,15 @@ def markdown(result: dict) -> str:
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="python -m cpu_kernels.bench", description=__doc__.split("\n\n")[0])
     p.add_argument("--threads", type=int, default=physical_cores(), help="kernel threads (default: physical cores)")
-    p.add_argument("--formats", default="bf16,int8,int4", help="comma list, e.g. int4,int4-g32,int8-g64,bf16")
+    p.add_argument("--formats", default="bf16,int8,int4",
+                   help="comma list, e.g. int4,int4-g32,int8-g64,bf16 or GGUF types Q4_K,Q2_K,IQ2_XXS")
+    p.add_argument("--gguf", action="store_true", help="add every GGUF type (" + ",".join(GGUF_NAMES) + ")")
     p.add_argument("--experts", type=int, default=64, help="experts in the layer (working set = experts x size)")
     p.add_argument("--quick", action="store_true", help="16 experts, prefill 32/128 only, no torch bf16")
     p.add_argument("--no-torch", action="store_true", help="skip the torch baselines")
     p.add_argument("--kt-python", help="interpreter with kt-kernel installed: adds its AMXINT8/AMXINT4 rows")
+    p.add_argument("--llama-python", help="interpreter with llama-cpp-python built from source: adds llama.cpp's "
+                   "row for each GGUF type")
     p.add_argument("--json", help="write the results here")
     p.add_argument("--markdown", help="write the tables as Markdown here (for docs/performance.md)")
     return p.parse_args(argv)
@@ -319,17 +414,27 @@ def main(argv=None) -> dict:
     return run(parse_args(argv))
 
 
+def format_list(text: str, gguf: bool = False) -> list:
+    """The Formats of a --formats comma list, plus every GGUF type not already in it when `gguf` (--gguf)."""
+    names = [t.strip() for t in text.split(",") if t.strip()]
+    return [parse_format(t) for t in names + [n for n in GGUF_NAMES if gguf and n not in names]]
+
+
 def run(args) -> dict:
-    """The benchmark for parsed options (parse_args' names: threads, formats, experts, quick, no_torch,
-    kt_python, json, markdown); `hybrid bench` fills them from its click options."""
+    """The benchmark for parsed options (parse_args' names: threads, formats, gguf, experts, quick, no_torch,
+    kt_python, llama_python, json, markdown); `hybrid bench` fills them from its click options."""
     n_experts = 16 if args.quick else args.experts
     prefill_tokens = PREFILL_TOKENS[:2] if args.quick else PREFILL_TOKENS
     thread_counts = sorted({1, args.threads})
     probe = BandwidthProbe()
     result = {"machine": machine(), "experts": n_experts, "threads": args.threads, "prefill_tokens": list(prefill_tokens),
               "rows": []}
-    for text in args.formats.split(","):
-        result["rows"] += bench_format(parse_format(text.strip()), n_experts, thread_counts, prefill_tokens, probe)
+    for fmt in format_list(args.formats, args.gguf):
+        result["rows"] += bench_format(fmt, n_experts, thread_counts, prefill_tokens, probe)
+        if args.llama_python and fmt.spec.ggml_type is not None:  # right after ours, on the same E and shapes
+            row, probe_gbps = probe.around(args.threads, lambda: llama_row(args.llama_python, fmt.name, n_experts,
+                                                                           args.threads, prefill_tokens))
+            result["rows"].append(dict(row, probe_gbps=probe_gbps))
     if not args.no_torch:
         if not args.quick:
             result["rows"].append(torch_rows("bf16", n_experts, args.threads, prefill_tokens, n_experts, probe))
