@@ -14,12 +14,11 @@ Activations stay float32 (llama.cpp quantizes them to 8 bits; we do not, so the 
 the dequantized weights to float32 rounding).
 """
 
-import numpy as np
 from gguf import GGMLQuantizationType
 from numba import njit
 
 from ..spec import FASTMATH
-from .lanes import half_at, hsum8, load8, store8, zeros8
+from .lanes import half_at, hsum8, load8, load8_int8, store8, zeros8
 
 Q8_0 = int(GGMLQuantizationType.Q8_0)
 BLOCK = 32
@@ -33,26 +32,24 @@ def owns(code):
 
 @njit(nogil=True, cache=True, fastmath=FASTMATH)
 def dot1(code, row, x):
-    q = row.view(np.int8)
     acc = zeros8()
     for b in range(row.shape[0] // BLOCK_BYTES):
         off, c = b * BLOCK_BYTES + 2, b * BLOCK
-        s = load8(q, off) * load8(x, c) + load8(q, off + 8) * load8(x, c + 8)
-        s = s + load8(q, off + 16) * load8(x, c + 16) + load8(q, off + 24) * load8(x, c + 24)
+        s = load8_int8(row, off) * load8(x, c) + load8_int8(row, off + 8) * load8(x, c + 8)
+        s = s + load8_int8(row, off + 16) * load8(x, c + 16) + load8_int8(row, off + 24) * load8(x, c + 24)
         acc = acc + s * half_at(row, off - 2)
     return hsum8(acc)
 
 
 @njit(nogil=True, cache=True, fastmath=FASTMATH)
 def dot4(code, row, X, i0, i1, i2, i3, Y, r):
-    q = row.view(np.int8)
     xa, xb, xc, xd = X[i0], X[i1], X[i2], X[i3]
     a, b_, c_, d_ = zeros8(), zeros8(), zeros8(), zeros8()
     for b in range(row.shape[0] // BLOCK_BYTES):
         off, c = b * BLOCK_BYTES + 2, b * BLOCK
         d = half_at(row, off - 2)
         for j in range(0, BLOCK, 8):
-            w = load8(q, off + j) * d
+            w = load8_int8(row, off + j) * d
             a = a + w * load8(xa, c + j)
             b_ = b_ + w * load8(xb, c + j)
             c_ = c_ + w * load8(xc, c + j)
@@ -62,9 +59,8 @@ def dot4(code, row, X, i0, i1, i2, i3, Y, r):
 
 @njit(nogil=True, cache=True, fastmath=FASTMATH)
 def dequant(code, row, out):
-    q = row.view(np.int8)
     for b in range(row.shape[0] // BLOCK_BYTES):
         off, c = b * BLOCK_BYTES + 2, b * BLOCK
         d = half_at(row, off - 2)
         for j in range(0, BLOCK, 8):
-            store8(out, c + j, load8(q, off + j) * d)
+            store8(out, c + j, load8_int8(row, off + j) * d)
