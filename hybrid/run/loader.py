@@ -180,7 +180,7 @@ def _install_gguf_blocks(model, ckpt, plan, dtype):
     do not read, stays an ordinary parameter and is loaded (dequantized) with the rest."""
     from cpu_kernels import KernelThreads
     from cpu_kernels.dense import DenseMatrix
-    from cpu_kernels.formats import GGUF_NAMES, Format, check_matrix
+    from cpu_kernels.formats import Format, check_matrix
 
     worker = None  # its own threads: the shared expert runs while the routed experts' worker is busy
     for name, _ in list(model.named_parameters()):
@@ -189,11 +189,9 @@ def _install_gguf_blocks(model, ckpt, plan, dtype):
             continue
         if name == "model.embed_tokens.weight" and ckpt.config.tie_word_embeddings:
             continue  # the head multiplies by the table itself
-        type_name, blocks = ckpt.blocks(name)
         n_out, n_in = ckpt.tensors[name].shape
-        if type_name not in GGUF_NAMES:
-            continue
-        try:
+        try:  # a type without kernels (F32, BF16, Q4_0, ...) or kv_b_proj (rebuilt from two tensors): loaded below
+            type_name, blocks = ckpt.blocks(name)
             check_matrix(Format(type_name), n_out, n_in)
         except ValueError:
             continue
