@@ -143,7 +143,8 @@ def _read_expert(ckpt: Checkpoint, layer: int, e: int) -> tuple[np.ndarray, np.n
     long-lived reader a K2 layer's 17 GB shard would join the RSS. A fresh reader (sharing the validated tensor
     table; it parses one shard header, ~ms) closes its maps when it goes, keeping the source's share to one expert.
     """
-    reader = Checkpoint(ckpt.folder, ckpt.config, ckpt.tensors)
+    # A GGUF checkpoint (hybrid.read.gguf) dequantizes one expert's slab per weight() call: nothing to reopen.
+    reader = Checkpoint(ckpt.folder, ckpt.config, ckpt.tensors) if isinstance(ckpt, Checkpoint) else ckpt
     return tuple(_expert_matrix(reader, names.expert_key(layer, e, p)) for p in names.EXPERT_PROJS)
 
 

@@ -158,7 +158,7 @@ def _gguf_layer(ckpt, layer):
     (zero-copy views of the memory map) when the kernels read their types, else (float experts, or a type
     without kernels such as TQ2_0 or IQ4_NL) dequantized into an in-memory bf16 store, one expert at a time."""
     from cpu_kernels.formats import GGUF_NAMES, Format
-    from cpu_kernels.store import ExpertStore, MemoryLayerWriter
+    from cpu_kernels.store import ExpertStore
 
     cfg, blocks = ckpt.config, ckpt.expert_blocks(layer)
     if all(type_name in GGUF_NAMES for type_name, _ in blocks.values()):
@@ -168,10 +168,7 @@ def _gguf_layer(ckpt, layer):
                                            {proj: view for proj, (_, view) in blocks.items()})
         except ValueError:  # a shape the block kernels' tiles do not divide: the copy below
             pass
-    writer = MemoryLayerWriter(Format("bf16"), cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size)
-    for e in range(cfg.n_routed_experts):
-        writer.write_expert(e, *(ckpt.weight(names.expert_key(layer, e, p)).numpy() for p in names.EXPERT_PROJS))
-    return writer.close()
+    return _quantized_layer(ckpt, layer, Format("bf16"))
 
 
 def _install_gguf_blocks(model, ckpt, plan, dtype):
