@@ -334,19 +334,18 @@ def traffic_of(cfg, plan: Plan, budget: Budget, gpu_share: float, hit_rate: floa
     gpu = plan.gpu_device
     counts = memory.param_counts(cfg)
     dense_active = counts["attention"] + counts["shared_experts"] + counts["dense_mlp"] + counts["lm_head"]
+    # non-expert weights on the CPU: all of them without a GPU; with one, a GGUF's head and shared experts kept in
+    # their blocks
+    cpu_dev = budget.by_device.get("cpu", {})
+    on_cpu = sum(v for g, v in cpu_dev.items() if g not in ("routed_experts", "kv_cache", "workspace", "embed"))
+    expert_bytes = memory.expert_bytes(cfg, plan.settings.expert_format)
     if gpu is None:
-        cpu_dev = budget.by_device.get("cpu", {})
-        non_expert = sum(v for g, v in cpu_dev.items() if g not in ("routed_experts", "kv_cache", "workspace", "embed"))
-        return Traffic(0, 0, non_expert, memory.expert_bytes(cfg, plan.settings.expert_format), 0.0, hit_rate,
-                       0, dense_active, kernel_rate(plan))
+        return Traffic(0, 0, on_cpu, expert_bytes, 0.0, hit_rate, 0, dense_active, kernel_rate(plan))
     dev = budget.by_device.get(gpu, {})
     weights = sum(v for g, v in dev.items() if g not in ("routed_experts", "kv_cache", "workspace", "cuda_context",
                                                          "embed"))
-    # what a plan keeps on the CPU besides the routed experts (a GGUF's head and shared experts in their blocks)
-    cpu_dev = budget.by_device.get("cpu", {})
-    on_cpu = sum(v for g, v in cpu_dev.items() if g not in ("routed_experts", "kv_cache", "workspace", "embed"))
-    return Traffic(weights, dev.get("shared_experts", 0), on_cpu, memory.expert_bytes(cfg, plan.settings.expert_format),
-                   gpu_share, hit_rate, dense_active, 0, kernel_rate(plan))
+    return Traffic(weights, dev.get("shared_experts", 0), on_cpu, expert_bytes, gpu_share, hit_rate, dense_active, 0,
+                   kernel_rate(plan))
 
 
 def kernel_rate(plan: Plan) -> float:
