@@ -117,11 +117,11 @@ def gguf_chat_parts(ckpt: GGUFCheckpoint) -> tuple[Tokenizer | None, ChatTemplat
     `tokenizer.chat_template` (K2's packaged one when it has none), and, having no generation_config.json,
     Unsloth's recommended sampling for K2. A tokenizer other than K2's gives no tokenizer (generate
     --prompt-ids still runs; chat and serve say why they cannot)."""
-    try:
-        tokenizer = TiktokenTokenizer.from_gguf(ckpt)
+    try:  # the token list is parsed once, for the tokenizer and the template alike
+        ranks, special, special_map, text = ckpt.tokenizer_pieces()
     except ConfigError:
         return None, None, {}
-    text = ckpt.tokenizer_pieces()[3]
+    tokenizer = TiktokenTokenizer.from_pieces(Path(ckpt.folder).name, ranks, special, special_map)
     template = (ChatTemplate({"default": text}, f"{ckpt.folder} (GGUF tokenizer.chat_template)",
                              tokenizer.special_tokens_map) if text else k2_template(tokenizer.special_tokens_map))
     return tokenizer, template, dict(UNSLOTH_K2_SAMPLING) if ckpt.config.model_type == "kimi_k2" else {}

@@ -125,9 +125,12 @@ class TiktokenTokenizer(Tokenizer):
     def from_gguf(cls, ckpt) -> "TiktokenTokenizer":
         """K2's tokenizer from a GGUF checkpoint (hybrid.read.gguf): its token list holds the tiktoken ranks
         as ids and the special slots as control tokens; the pattern is K2's."""
-        ranks, special, special_map, _ = ckpt.tokenizer_pieces()
-        enc = tiktoken.Encoding(name=Path(ckpt.folder).name, pat_str=K2_PATTERN, mergeable_ranks=ranks,
-                                special_tokens=special)
+        return cls.from_pieces(Path(ckpt.folder).name, *ckpt.tokenizer_pieces()[:3])
+
+    @classmethod
+    def from_pieces(cls, name: str, ranks: dict, special: dict, special_map: dict) -> "TiktokenTokenizer":
+        """K2's tokenizer from GGUFCheckpoint.tokenizer_pieces()' ranks, special tokens and bos/eos strings."""
+        enc = tiktoken.Encoding(name=name, pat_str=K2_PATTERN, mergeable_ranks=ranks, special_tokens=special)
         return cls(enc, special, special_map)
 
     @property
