@@ -347,7 +347,7 @@ def print_report(result: dict) -> None:
         for cells in rows:
             compare.add_row(*cells)
         console.print(compare)
-    goals = Table(title="targets (issue 4)")
+    goals = Table(title="targets (issues 4 and 16)")
     for col in ("target", "measured", "wanted", "met"):
         goals.add_column(col)
     for name, ratio, want, met in targets(result):

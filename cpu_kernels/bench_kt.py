@@ -27,9 +27,16 @@ def find_extension():
     if spec is None or not spec.submodule_search_locations:
         raise RuntimeError("kt_kernel is not installed in this interpreter")
     folder = list(spec.submodule_search_locations)[0]
-    flags = open("/proc/cpuinfo").read()
-    variant = "avx512_bf16" if "avx512_bf16" in flags else "avx512_base" if "avx512f" in flags else "avx2"
-    path = glob.glob(os.path.join(folder, f"_kt_kernel_ext_{variant}.*.so"))[0]
+    # kt's best build for this CPU, chosen by kt's own detector (AMX where the CPU has it: the fair peer there);
+    # loaded by path like the extension, since importing the package pulls in torch.
+    detect_spec = importlib.util.spec_from_file_location("kt_cpu_detect", os.path.join(folder, "_cpu_detect.py"))
+    detect = importlib.util.module_from_spec(detect_spec)
+    detect_spec.loader.exec_module(detect)
+    variant = detect.detect_cpu_features()
+    paths = glob.glob(os.path.join(folder, f"_kt_kernel_ext_{variant}.*.so"))
+    if not paths:
+        raise RuntimeError(f"kt_kernel in {folder} has no {variant} build, the one its detector picks for this CPU")
+    path = paths[0]
     ext_spec = importlib.util.spec_from_file_location("kt_kernel_ext", path)
     ext = importlib.util.module_from_spec(ext_spec)
     ext_spec.loader.exec_module(ext)

@@ -31,14 +31,15 @@ from .formats.spec import FASTMATH
 from .prefill import BLOCK_TOKENS
 
 
-def tile1(kind, values, scales, x, y):
-    """y[R] = tile @ x with the one-token kernel of the format whose marker is `kind`."""
-    spec_of_kind(type(kind)).tile1(kind, values, scales, x, y)
+def tile1(kind, values, scales, x, xq, xd, y):
+    """y[R] = tile @ x with the one-token kernel of the format whose marker is `kind` (xq, xd: x quantized, for
+    a format with quantized_inputs; see formats/spec.py)."""
+    spec_of_kind(type(kind)).tile1(kind, values, scales, x, xq, xd, y)
 
 
-def tile4(kind, values, scales, X, i0, i1, i2, i3, Y):
+def tile4(kind, values, scales, X, Xq, Xd, i0, i1, i2, i3, Y):
     """Y[4, R] = tile @ X[[i0, i1, i2, i3]].T with the four-token kernel of the format whose marker is `kind`."""
-    spec_of_kind(type(kind)).tile4(kind, values, scales, X, i0, i1, i2, i3, Y)
+    spec_of_kind(type(kind)).tile4(kind, values, scales, X, Xq, Xd, i0, i1, i2, i3, Y)
 
 
 def tile_rows(kind):
@@ -48,15 +49,16 @@ def tile_rows(kind):
 
 # Inside numba, `kind` is typed by its NamedTuple class: the registry lookup happens once, at compile time.
 @overload(tile1)
-def _tile1_typed(kind, values, scales, x, y):
+def _tile1_typed(kind, values, scales, x, xq, xd, y):
     kernel = spec_of_kind(kind.instance_class).tile1
-    return lambda kind, values, scales, x, y: kernel(kind, values, scales, x, y)
+    return lambda kind, values, scales, x, xq, xd, y: kernel(kind, values, scales, x, xq, xd, y)
 
 
 @overload(tile4)
-def _tile4_typed(kind, values, scales, X, i0, i1, i2, i3, Y):
+def _tile4_typed(kind, values, scales, X, Xq, Xd, i0, i1, i2, i3, Y):
     kernel = spec_of_kind(kind.instance_class).tile4
-    return lambda kind, values, scales, X, i0, i1, i2, i3, Y: kernel(kind, values, scales, X, i0, i1, i2, i3, Y)
+    return lambda kind, values, scales, X, Xq, Xd, i0, i1, i2, i3, Y: kernel(kind, values, scales, X, Xq, Xd, i0, i1,
+                                                                             i2, i3, Y)
 
 
 @overload(tile_rows)
@@ -74,13 +76,14 @@ def _store_activation(yg, yu, k, weight, h_row, row0, n_rows):
 
 
 @njit(nogil=True, cache=True, fastmath=FASTMATH)
-def gate_up_phase(gate_kind, up_kind, gate_values, gate_scales, up_values, up_scales, x, used, n_used, starts,
-                  pair_token, pair_weight, h, tile_start, tile_stop, ybuf):
+def gate_up_phase(gate_kind, up_kind, gate_values, gate_scales, up_values, up_scales, x, xq, xd, used, n_used,
+                  starts, pair_token, pair_weight, h, tile_start, tile_stop, ybuf):
     """Phase 1 for tiles [tile_start, tile_stop) of I: fills h [P, I] (float32) for all pairs.
 
     gate_kind, up_kind: the markers of the gate's and the up projection's formats (a GGUF layer may keep them in
     two types; both have the same tile rows R); gate/up values and scales: one layer's store arrays [E, nt, ...];
-    x float32 [T, H]; used/starts/pair_token/pair_weight from sort_by_expert; ybuf float32 [2, 4, R] scratch.
+    x float32 [T, H] and xq, xd its rows quantized (activations.quantize_rows; zero-length where neither format
+    has quantized_inputs); used/starts/pair_token/pair_weight from sort_by_expert; ybuf float32 [2, 4, R] scratch.
     """
     n_rows_tile = tile_rows(gate_kind)
     width = h.shape[1]
@@ -96,25 +99,26 @@ def gate_up_phase(gate_kind, up_kind, gate_values, gate_scales, up_values, up_sc
             p = starts[e]
             while p + BLOCK_TOKENS <= p_end:
                 t0, t1, t2, t3 = pair_token[p], pair_token[p + 1], pair_token[p + 2], pair_token[p + 3]
-                tile4(gate_kind, gv, gs, x, t0, t1, t2, t3, yg)
-                tile4(up_kind, uv, us, x, t0, t1, t2, t3, yu)
+                tile4(gate_kind, gv, gs, x, xq, xd, t0, t1, t2, t3, yg)
+                tile4(up_kind, uv, us, x, xq, xd, t0, t1, t2, t3, yu)
                 for k in range(BLOCK_TOKENS):
                     _store_activation(yg, yu, k, pair_weight[p + k], h[p + k], row0, n_rows)
                 p += BLOCK_TOKENS
             while p < p_end:
-                tile1(gate_kind, gv, gs, x[pair_token[p]], yg[0])
-                tile1(up_kind, uv, us, x[pair_token[p]], yu[0])
+                token = pair_token[p]
+                tile1(gate_kind, gv, gs, x[token], xq[token], xd[token], yg[0])
+                tile1(up_kind, uv, us, x[token], xq[token], xd[token], yu[0])
                 _store_activation(yg, yu, 0, pair_weight[p], h[p], row0, n_rows)
                 p += 1
 
 
 @njit(nogil=True, cache=True, fastmath=FASTMATH)
-def down_phase(kind, down_values, down_scales, h, used, n_used, starts, pair_token, out, tile_start, tile_stop,
-               ybuf):
+def down_phase(kind, down_values, down_scales, h, hq, hd, used, n_used, starts, pair_token, out, tile_start,
+               tile_stop, ybuf):
     """Phase 2 for tiles [tile_start, tile_stop) of H: out[T, H] (float32) += down(h) per pair's token.
 
-    kind: the store format's marker; down values and scales: [E, nt, ...]; h float32 [P, I] from phase 1; ybuf
-    float32 [2, 4, R] scratch.
+    kind: the store format's marker; down values and scales: [E, nt, ...]; h float32 [P, I] from phase 1 and
+    hq, hd its rows quantized (as gate_up_phase's xq, xd); ybuf float32 [2, 4, R] scratch.
     """
     n_rows_tile = tile_rows(kind)
     hidden = out.shape[1]
@@ -128,14 +132,14 @@ def down_phase(kind, down_values, down_scales, h, used, n_used, starts, pair_tok
             n_rows = min(n_rows_tile, hidden - row0)
             p = starts[e]
             while p + BLOCK_TOKENS <= p_end:
-                tile4(kind, dv, ds, h, p, p + 1, p + 2, p + 3, y)
+                tile4(kind, dv, ds, h, hq, hd, p, p + 1, p + 2, p + 3, y)
                 for k in range(BLOCK_TOKENS):
                     o = out[pair_token[p + k]]
                     for r in range(n_rows):
                         o[row0 + r] += y[k, r]
                 p += BLOCK_TOKENS
             while p < p_end:
-                tile1(kind, dv, ds, h[p], y[0])
+                tile1(kind, dv, ds, h[p], hq[p], hd[p], y[0])
                 o = out[pair_token[p]]
                 for r in range(n_rows):
                     o[row0 + r] += y[0, r]
@@ -152,11 +156,12 @@ def bf16_rows_to_f32(src, dst):
 
 
 @njit(nogil=True, cache=True, fastmath=FASTMATH)
-def dense_phase(kind, values, scales, X, Y, tile_start, tile_stop, ybuf):
+def dense_phase(kind, values, scales, X, Xq, Xd, Y, tile_start, tile_stop, ybuf):
     """Y[T, n_out] = X[T, n_in] @ W.T for W's tiles [tile_start, tile_stop): one matrix (a projection outside the
     routed experts, kept in its GGUF blocks), every token through each tile while it sits in L2.
 
-    kind: the format's marker; values/scales: the matrix's [nt, ...] arrays; X, Y float32; ybuf float32 [4, R].
+    kind: the format's marker; values/scales: the matrix's [nt, ...] arrays; X, Y float32; Xq, Xd: X quantized
+    (as gate_up_phase's xq, xd); ybuf float32 [4, R].
     """
     n_rows_tile = tile_rows(kind)
     n_out, n_tokens = Y.shape[1], X.shape[0]
@@ -165,13 +170,13 @@ def dense_phase(kind, values, scales, X, Y, tile_start, tile_stop, ybuf):
         n_rows = min(n_rows_tile, n_out - row0)
         p = 0
         while p + BLOCK_TOKENS <= n_tokens:
-            tile4(kind, values[t], scales[t], X, p, p + 1, p + 2, p + 3, ybuf)
+            tile4(kind, values[t], scales[t], X, Xq, Xd, p, p + 1, p + 2, p + 3, ybuf)
             for k in range(BLOCK_TOKENS):
                 for r in range(n_rows):
                     Y[p + k, row0 + r] = ybuf[k, r]
             p += BLOCK_TOKENS
         while p < n_tokens:
-            tile1(kind, values[t], scales[t], X[p], ybuf[0])
+            tile1(kind, values[t], scales[t], X[p], Xq[p], Xd[p], ybuf[0])
             for r in range(n_rows):
                 Y[p, row0 + r] = ybuf[0, r]
             p += 1

@@ -12,20 +12,32 @@ import torch.nn.functional as F
 FP8_BLOCK = 128
 
 
-def routed_experts_reference(hidden, ids, weights, gate, up, down):
+def int8_rounded(v):
+    """v [..., n] as int8 inputs with one scale per 32 (cpu_kernels/formats/activations.py) represent it:
+    d = max|v| / 127 per block, v -> round(v / d) * d. Written here from that description, in float64."""
+    blocks = v.double().reshape(*v.shape[:-1], -1, 32)
+    d = blocks.abs().amax(dim=-1, keepdim=True) / 127
+    return (torch.round(blocks / torch.where(d > 0, d, torch.ones_like(d))) * d).reshape(v.shape)
+
+
+def routed_experts_reference(hidden, ids, weights, gate, up, down, int8_inputs=False):
     """Plain per-token, per-slot loop: sum_k w[t,k] * down_e(silu(gate_e(x)) * up_e(x)).
 
     hidden [T, H] float, ids [T, K] int, weights [T, K] float, gate/up [E, I, H], down [E, H, I].
-    Computed in float64 so that it is a reference for every float format.
+    Computed in float64 so that it is a reference for every float format. int8_inputs: each projection's input
+    (x, and the weighted w * silu(g) * u the down projection gets) rounded as int8_rounded does, as the integer
+    kernels of formats with quantized_inputs multiply it.
     """
+    rounded = int8_rounded if int8_inputs else (lambda v: v)
     x = hidden.double()
     out = torch.zeros_like(x)
     for t in range(x.shape[0]):
+        xt = rounded(x[t])
         for k in range(ids.shape[1]):
             e = int(ids[t, k])
-            g = gate[e].double() @ x[t]
-            u = up[e].double() @ x[t]
-            out[t] += float(weights[t, k]) * (down[e].double() @ (F.silu(g) * u))
+            g = gate[e].double() @ xt
+            u = up[e].double() @ xt
+            out[t] += down[e].double() @ rounded(float(weights[t, k]) * F.silu(g) * u)
     return out
 
 

@@ -11,7 +11,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from reference import routed_experts_reference
+from reference import int8_rounded, routed_experts_reference
 
 from cpu_kernels import (
     FORMATS,
@@ -29,6 +29,7 @@ from cpu_kernels import (
     save_store,
 )
 from cpu_kernels.formats import scale_shape, spec_of_kind, value_shape
+from cpu_kernels.formats.activations import quantize_rows, quantized_inputs
 from cpu_kernels.quantize import matvec_error
 from cpu_kernels.store import PROJECTIONS, projection_shape
 
@@ -38,6 +39,13 @@ ALL = [Format(name, group) for name, spec in FORMATS.items() if spec.quantize is
 E = 6
 # Float32 kernels against float64 numpy on the same dequantized weights: accumulation order is the only difference.
 KERNEL_TOLERANCE = 2e-5
+# What int8 inputs (activations.py: one scale per 32) add to a matvec of Gaussian inputs, with margin (~0.3 %).
+INPUT_QUANTIZATION_TOLERANCE = 0.01
+
+
+def int8_inputs_reference(x: np.ndarray) -> np.ndarray:
+    """x [T, n] as the integer kernels see it, in float64 (reference.int8_rounded)."""
+    return int8_rounded(torch.from_numpy(x)).numpy()
 
 
 def layer_dims(fmt: Format) -> tuple[int, int]:
@@ -72,7 +80,8 @@ def test_registry_names_markers_and_groups():
 
 @pytest.mark.parametrize("fmt", ALL, ids=str)
 def test_kernels_match_their_dequantizer_and_numpy(fmt):
-    """tile1 and tile4 on every tile of one matrix = the format's dequantized weights @ x in float64."""
+    """tile1 and tile4 on every tile of one matrix = the format's dequantized weights @ x in float64; for a format
+    whose tile1 reads int8-quantized inputs, its x is the input rounded as int8_inputs_reference rounds it."""
     spec, rows = fmt.spec, fmt.spec.tile_rows
     n_out, n_in = rows + 24, layer_dims(fmt)[0]  # a padded last tile
     rng = np.random.default_rng(0)
@@ -82,17 +91,53 @@ def test_kernels_match_their_dequantizer_and_numpy(fmt):
     n_tiles, picked = values.shape[0], [5, 0, 3, 1]
     one, four = np.empty((6, n_tiles * rows), np.float32), np.empty((4, n_tiles * rows), np.float32)
     y, y4 = np.empty(rows, np.float32), np.empty((4, rows), np.float32)  # C-contiguous, as the drivers' scratch
+    xq, xd = quantized_inputs(x, spec.quantized_inputs)
     for t in range(n_tiles):
         cols = slice(t * rows, (t + 1) * rows)
         for i in range(6):
-            spec.tile1(spec.kind, values[t], scales[t], x[i], y)
+            spec.tile1(spec.kind, values[t], scales[t], x[i], xq[i], xd[i], y)
             one[i, cols] = y
-        spec.tile4(spec.kind, values[t], scales[t], x, *picked, y4)
+        spec.tile4(spec.kind, values[t], scales[t], x, xq, xd, *picked, y4)
         four[:, cols] = y4
     want = x.astype(np.float64) @ w.T
-    assert rel_err(one[:, :n_out], want) < KERNEL_TOLERANCE
-    assert rel_err(four[:, :n_out], want[picked]) < KERNEL_TOLERANCE
+    x_one = int8_inputs_reference(x) if spec.quantized_inputs else x.astype(np.float64)
+    assert rel_err(one[:, :n_out], x_one @ w.T) < KERNEL_TOLERANCE
+    assert rel_err(one[:, :n_out], want) < INPUT_QUANTIZATION_TOLERANCE
+    assert rel_err(four[:, :n_out], (x_one @ w.T)[picked]) < KERNEL_TOLERANCE
     assert not one[:, n_out:].any() and not four[:, n_out:].any()
+
+
+def test_int8_inputs_match_a_numpy_rounding():
+    rng = np.random.default_rng(3)
+    x = (rng.standard_normal((5, 256)) * rng.uniform(0.01, 100, (5, 1))).astype(np.float32)
+    x[2, 32:64] = 0.0  # an all-zero block: scale 0, codes 0
+    xq, xd = np.empty(x.shape, np.int8), np.empty((5, 2, 8), np.float32)
+    quantize_rows(x, xq, xd)
+    d = xd[:, 0, :, None].astype(np.float64)
+    np.testing.assert_allclose((xq.reshape(5, 8, 32) * d).reshape(x.shape), int8_inputs_reference(x), rtol=1e-6,
+                               atol=1e-6 * np.abs(x).max())
+    np.testing.assert_allclose(xd[:, 1], (xq.reshape(5, 8, 32).sum(axis=2) * xd[:, 0]), rtol=1e-6)
+    assert np.abs(xq).max() == 127 and not xq[2, 32:64].any()
+
+
+@pytest.mark.parametrize("name", [n for n, spec in FORMATS.items() if spec.quantized_inputs])
+def test_integer_kernels_hold_the_extremes(name):
+    """Every weight at its format's largest code and every input at +-127 in each block: the largest sums the
+    integer kernels' int16 and int32 lanes meet (an overflow would wrap to the wrong sign)."""
+    spec, n_in = FORMATS[name], 2048
+    fmt, rows = Format(name, spec.default_group), spec.tile_rows
+    rng = np.random.default_rng(4)
+    for sign in (1.0, -1.0):
+        w = np.full((rows, n_in), sign, np.float32)
+        w[:, ::7] = -sign  # mixed: the codes at both ends of the range
+        x = np.full((1, n_in), 3.0, np.float32)
+        x[:, 5::32] = -3.0 * rng.uniform(0.5, 1.0)
+        values, scales = quantize_matrix(w, fmt)
+        wd = dequantize_matrix(values, scales, fmt, rows, n_in).astype(np.float64)
+        xq, xd = quantized_inputs(x, True)
+        y = np.empty(rows, np.float32)
+        spec.tile1(spec.kind, values[0], scales[0], x[0], xq[0], xd[0], y)
+        assert rel_err(y, wd @ int8_inputs_reference(x)[0]) < KERNEL_TOLERANCE
 
 
 @pytest.mark.parametrize("fmt", ALL, ids=str)
@@ -151,7 +196,8 @@ def test_store_round_trip_through_files(tmp_path, fmt):
     deq = [torch.from_numpy(np.stack([dequantize_matrix(memory.store.values[name][e], memory.store.scales[name][e],
                                                         fmt, *projection_shape(name, hidden, width))
                                       for e in range(E)])) for name in PROJECTIONS]
-    reference = routed_experts_reference(torch.from_numpy(x), torch.from_numpy(ids), torch.from_numpy(weights), *deq)
+    reference = routed_experts_reference(torch.from_numpy(x), torch.from_numpy(ids), torch.from_numpy(weights), *deq,
+                                         fmt.spec.quantized_inputs)
     assert rel_err(want, reference.numpy()) < KERNEL_TOLERANCE
     for directory in ("saved", "streamed"):
         loaded = MoEExperts.from_store(tmp_path / directory, n_threads=1)

@@ -41,15 +41,16 @@ def test_kernels_equal_gguf_dequantize_and_float64(name):
     tiles = blocks.reshape(spec.value_shape(None, n_out, n_in))
     tiles.flags.writeable = False  # as a memory-mapped file is: one compiled specialisation, the one runs use
     none = np.zeros((0, 0), np.float32)
+    no_q, no_d = np.zeros(0, np.int8), np.zeros((2, 0), np.float32)  # GGUF kernels multiply float32 inputs
     x = rng.standard_normal((6, n_in), dtype=np.float32)
     one, four = np.empty((6, n_out), np.float32), np.empty((4, n_out), np.float32)
     y, y4, picked = np.empty(rows, np.float32), np.empty((4, rows), np.float32), [5, 0, 3, 1]
     for t in range(n_out // rows):
         cols = slice(t * rows, (t + 1) * rows)
         for i in range(6):
-            spec.tile1(spec.kind, tiles[t], none, x[i], y)
+            spec.tile1(spec.kind, tiles[t], none, x[i], no_q, no_d, y)
             one[i, cols] = y
-        spec.tile4(spec.kind, tiles[t], none, x, *picked, y4)
+        spec.tile4(spec.kind, tiles[t], none, x, no_q[None], no_d[None], *picked, y4)
         four[:, cols] = y4
     want = x.astype(np.float64) @ w.T
     assert rel_err(one, want) < KERNEL_TOLERANCE

@@ -41,8 +41,8 @@ def widen_bf16(typingctx, bits):
 
 
 @njit(nogil=True, cache=True, fastmath=FASTMATH)
-def tile1_bf16(kind, values, scales, x, y):
-    """bf16 tile [n_in, R] uint16 times x [n_in] -> y [R]; `scales` is unused (bf16 has none)."""
+def tile1_bf16(kind, values, scales, x, xq, xd, y):
+    """bf16 tile [n_in, R] uint16 times x [n_in] -> y [R]; `scales`, xq and xd are unused (bf16 has no scales)."""
     n_in, n_rows = values.shape
     for r in range(n_rows):
         y[r] = 0.0
@@ -65,7 +65,7 @@ def tile1_bf16(kind, values, scales, x, y):
 
 
 @njit(nogil=True, cache=True, fastmath=FASTMATH)
-def tile4_bf16(kind, values, scales, X, i0, i1, i2, i3, Y):
+def tile4_bf16(kind, values, scales, X, Xq, Xd, i0, i1, i2, i3, Y):
     """bf16 tile [n_in, R] times rows i0..i3 of X [*, n_in] -> Y [4, R]; `scales` is unused."""
     n_in, n_rows = values.shape
     Y[:, :] = 0.0

@@ -12,10 +12,13 @@ format's own business: bf16/int8/int4 keep 128-row tiles with one scale per (row
 their sub-block scales. The store (store.py) stacks all E experts: values [E, nt, ...], scales [E, nt, ...]; the
 drivers (phases.py) split the tiles among the threads and call the format's kernels on one tile at a time:
 
-    tile1(kind, values[t], scales[t], x, y)                   y[r] = sum_c W[t*R + r, c] * x[c]   y float32 [R]
-    tile4(kind, values[t], scales[t], X, i0, i1, i2, i3, Y)   Y[k] = tile @ X[i_k] for k < 4      Y float32 [4, R]
+    tile1(kind, values[t], scales[t], x, xq, xd, y)                   y[r] = sum_c W[t*R + r, c] * x[c]   y [R]
+    tile4(kind, values[t], scales[t], X, Xq, Xd, i0, i1, i2, i3, Y)   Y[k] = tile @ X[i_k] for k < 4      Y [4, R]
 
-x is float32 [n_in], X float32 [*, n_in]; both kernels overwrite their output, allocate nothing, and are compiled
+x is float32 [n_in], X float32 [*, n_in], y and Y float32; xq, xd (Xq, Xd: one row per row of X) are x quantized to
+int8 (activations.py: xq int8 [n_in], xd float32 [2, n_in / 32]) for a format whose `quantized_inputs` is True,
+whose kernels read them instead of x (the integer kernels, int_lanes.py); the drivers quantize each input row once
+per call, not per tile, and pass zero-length arrays to the other formats. Both kernels overwrite their output, allocate nothing, and are compiled
 with `@njit(nogil=True, cache=True, fastmath=FASTMATH)` (threads run them in parallel). A format without scales
 (`has_scales` False) still gets a scales argument: an empty [nt, 0, 0] float32 placeholder.
 
@@ -61,3 +64,4 @@ class FormatSpec:
     scale_dtype: str = "float32"
     output_multiple: int = 1  # n_out must be a multiple of this (GGUF tiles are views of the file: no padding)
     ggml_type: int | None = None  # the GGUF type code of a format read from .gguf files
+    quantized_inputs: bool = False  # tile1 multiplies by the int8-quantized input (xq, xd), not x

@@ -18,7 +18,10 @@ it is one contiguous vector load and one multiply, applied per chunk of 4 (int8)
 chunk amortises the load/store of y. The obvious alternative, a dot product along each row with a scalar
 accumulator, must either reduce horizontally once per group (32..128 elements) or leave a short group loop that
 LLVM does not vectorise (its main vector body wants 64 elements); both measured 3-10x slower than this shape.
-All loops use float32 accumulators: integer accumulation measured slower on this machine.
+Those float kernels convert every weight to float32; on AVX2 CPUs int8 and int4 instead run integer kernels on
+int8-quantized inputs (activations.py, int_lanes.py): the same rows-innermost walk through the tile, with two
+adjacent columns of each row interleaved into byte (int4) or int16 (int8) pairs so that one vpmaddubsw/vpmaddwd
+multiplies 16-32 weights by an input pair; 2.2-2.9x the float kernels' speed on one core (int8.py, int4.py).
 
 Why the four-token kernels (tile4) have this shape. They compute Y[4, R] for four input rows at once. Each weight
 is dequantized once into a register (`s * q`) and multiplied into four accumulators, so the cost per token falls as

@@ -62,15 +62,16 @@ def _dot4(code, row, X, i0, i1, i2, i3, Y, r):
 
 
 @njit(nogil=True, cache=True, fastmath=FASTMATH)
-def tile1(kind, values, scales, x, y):
-    """Tile [R, B] uint8 (R rows of blocks) times x [n_in] -> y [R]; `scales` is the empty placeholder."""
+def tile1(kind, values, scales, x, xq, xd, y):
+    """Tile [R, B] uint8 (R rows of blocks) times x [n_in] -> y [R]; `scales` is the empty placeholder, xq and xd
+    are unused (the GGUF kernels multiply in float32)."""
     code = kind.code
     for r in range(values.shape[0]):
         y[r] = _dot1(code, values[r], x)
 
 
 @njit(nogil=True, cache=True, fastmath=FASTMATH)
-def tile4(kind, values, scales, X, i0, i1, i2, i3, Y):
+def tile4(kind, values, scales, X, Xq, Xd, i0, i1, i2, i3, Y):
     """Tile [R, B] uint8 times rows i0..i3 of X [*, n_in] -> Y [4, R]."""
     code = kind.code
     for r in range(values.shape[0]):

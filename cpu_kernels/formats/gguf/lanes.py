@@ -23,7 +23,6 @@ import operator
 import platform
 
 import llvmlite.binding as ll
-import numpy as np
 from llvmlite import ir
 from numba import njit
 from numba.core import cgutils, config, types
