@@ -4,7 +4,7 @@ Dimension legend: T tokens, H hidden, I expert width, E experts, K top-k, P = T 
 
     experts = MoEExperts.from_store("layer_03/")             # memory-maps the store
     out = experts.forward(hidden, ids, weights)              # [T, H] float32
-    experts.submit(hidden, ids, weights); ...; out = experts.wait()   # same work on a background thread
+    experts.submit(hidden, ids, weights); ...; out = experts.wait()   # same work, begun on the worker's threads
 
 forward computes, for each token t, sum_k weights[t, k] * down_e(silu(gate_e(x_t)) * up_e(x_t)) with
 e = ids[t, k]. Inputs are validated before any kernel runs; bad input raises ValueError naming the argument.
@@ -21,6 +21,7 @@ import time
 import numpy as np
 
 from .formats import Format
+from .formats.activations import quantized_inputs
 from .phases import bf16_rows_to_f32, down_phase, gate_up_phase
 from .prefill import BLOCK_TOKENS, sort_by_expert
 from .store import PROJECTIONS, ExpertStore, build_store, load_store
@@ -48,6 +49,7 @@ class MoEExperts:
         self.fmt = store.fmt
         self._kinds = {name: store.format_of(name).spec.kind for name in PROJECTIONS}
         self._tile_rows = {name: store.format_of(name).spec.tile_rows for name in PROJECTIONS}
+        self._quantized = {name: store.format_of(name).spec.quantized_inputs for name in PROJECTIONS}
         if self._tile_rows["gate_proj"] != self._tile_rows["up_proj"]:
             raise ValueError(f"gate and up formats {store.format_of('gate_proj')}, {store.format_of('up_proj')} "
                              "have different tile rows; phase 1 computes their tiles together")
@@ -57,6 +59,8 @@ class MoEExperts:
         self._owns_threads = threads is None
         self._threads = KernelThreads(n_threads) if threads is None else threads
         self.n_threads = self._threads.n_threads
+        nbytes = {k: (a.nbytes + store.scales[k].nbytes) // self.n_experts for k, a in store.values.items()}
+        self._pair_bytes = {"gate_up": nbytes["gate_proj"] + nbytes["up_proj"], "down": nbytes["down_proj"]}
         self._pending = None
         self.busy_s = 0.0  # seconds spent computing, summed over calls
         self._lock = threading.Lock()
@@ -112,7 +116,9 @@ class MoEExperts:
         return self.wait()
 
     def submit(self, hidden, ids, weights, out=None) -> None:
-        """Validate, then start forward's work on a background thread; collect it with wait().
+        """Validate, then hand forward's work to the worker; collect it with wait(). With an overlapping worker
+        (KernelThreads.overlap) it starts now and its parts run on the worker's threads while the caller goes on;
+        otherwise it runs when wait() is called.
 
         The arrays must stay unchanged until wait() returns. One call may be in flight at a time.
         """
@@ -122,20 +128,22 @@ class MoEExperts:
                 raise RuntimeError("submit() called again before wait(); one call may be in flight at a time")
             if out is None:
                 out = np.zeros((hidden.shape[0], self.hidden), np.float32)
-            self._pending = self._threads.submit(self._run, hidden, ids.astype(np.int64, copy=False), weights, out)
+            self._pending = self._threads.submit(self._steps(hidden, ids.astype(np.int64, copy=False), weights, out))
 
     def wait(self) -> np.ndarray:
-        """Block until the submitted call is done; returns its out [T, H] float32 (re-raises its error)."""
+        """Compute the submitted call's parts with the worker's threads until it is done; returns its out [T, H]
+        float32 (re-raises its error)."""
         with self._lock:
             pending, self._pending = self._pending, None
         if pending is None:
             raise RuntimeError("wait() without a submit()")
-        return pending.result()
+        return self._threads.wait(pending)
 
-    def _run(self, hidden, ids, weights, out):
+    def _steps(self, hidden, ids, weights, out):
+        """forward's work as the worker's jobs (a generator, see KernelThreads.submit); returns out."""
         t_start = time.perf_counter()
         try:
-            return self._compute(hidden, ids, weights, out)
+            return (yield from self._compute(hidden, ids, weights, out))
         finally:
             self.busy_s += time.perf_counter() - t_start  # the profiler's kernel time (hybrid profile)
 
@@ -154,23 +162,28 @@ class MoEExperts:
         n_used = sort_by_expert(ids, weights, buf("counts", (self.n_experts,), np.int64), starts, pair_token,
                                 pair_weight, used)
         h = buf("h", (n_pairs, self.width), np.float32)
-        ybuf = buf("ybuf", (self.n_threads, 2, BLOCK_TOKENS, max(self._tile_rows.values())), np.float32)
-        n_parts = self.n_threads
         n_tiles_i, n_tiles_h = v["gate_proj"].shape[1], v["down_proj"].shape[1]
+        # Parts by the work of each phase (weight bytes x pairs): a decode step of a small layer runs on one thread.
+        n_up = self._threads.n_parts(self._pair_bytes["gate_up"] * n_pairs, n_tiles_i)
+        n_down = self._threads.n_parts(self._pair_bytes["down"] * n_pairs, n_tiles_h)
+        ybuf = buf("ybuf", (max(n_up, n_down), 2, BLOCK_TOKENS, max(self._tile_rows.values())), np.float32)
         sort = (used, n_used, starts, pair_token)
         kinds = self._kinds  # which formats' kernels the phases run (formats/spec.py)
+        # Inputs the integer kernels read quantized are quantized once here, not once per tile.
+        xq, xd = quantized_inputs(x, self._quantized["gate_proj"] or self._quantized["up_proj"], buf, "x")
 
         def gate_up(part):
-            t0, t1 = split_range(n_tiles_i, part, n_parts)
+            t0, t1 = split_range(n_tiles_i, part, n_up)
             gate_up_phase(kinds["gate_proj"], kinds["up_proj"], v["gate_proj"], s["gate_proj"], v["up_proj"],
-                          s["up_proj"], x, *sort, pair_weight, h, t0, t1, ybuf[part])
+                          s["up_proj"], x, xq, xd, *sort, pair_weight, h, t0, t1, ybuf[part])
 
         def down(part):
-            t0, t1 = split_range(n_tiles_h, part, n_parts)
-            down_phase(kinds["down_proj"], v["down_proj"], s["down_proj"], h, *sort, out, t0, t1, ybuf[part])
+            t0, t1 = split_range(n_tiles_h, part, n_down)
+            down_phase(kinds["down_proj"], v["down_proj"], s["down_proj"], h, hq, hd, *sort, out, t0, t1, ybuf[part])
 
-        self._threads.run(gate_up)
-        self._threads.run(down)
+        yield gate_up, n_up
+        hq, hd = quantized_inputs(h, self._quantized["down_proj"], buf, "h")
+        yield down, n_down
         return out
 
     def close(self) -> None:

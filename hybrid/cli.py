@@ -59,6 +59,10 @@ MODEL = ModelRef()
 reference_option = click.option(
     "--reference", is_flag=True,
     help="Run the plain fp32 torch model (the test oracle), not the hybrid runtime; tiny models only.")
+threads_option = click.option(
+    "--threads", type=click.IntRange(min=1),
+    help="CPU threads for the run, torch's and the CPU kernels' together; overrides the plan's cpu_threads "
+         "(default: the physical cores).")
 
 
 @click.group(cls=HybridGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -114,14 +118,16 @@ def make_tiny_cmd(out, fp8, layers, dense_layers, experts, top_k, hidden, n_grou
 @click.option("--stop", multiple=True, help="Stop string (repeatable).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of streaming text.")
 @reference_option
-def generate(model, prompt, prompt_ids, allow_special, plan_file, store, as_json, stop, reference, **sampling):
+@threads_option
+def generate(model, prompt, prompt_ids, allow_special, plan_file, store, as_json, stop, reference, threads,
+             **sampling):
     """Generate from MODEL (a checkpoint folder or a Hugging Face id) and print the text as it comes."""
     from hybrid.generation.generate import Stats, generate as run
 
     check_sampling(**sampling)
     if (prompt is None) == (prompt_ids is None):
         raise click.UsageError("give exactly one of --prompt and --prompt-ids")
-    rt = load_for_cli(model, plan_file, store, reference=reference)
+    rt = load_for_cli(model, plan_file, store, reference=reference, threads=threads)
     ids = parse_prompt(prompt, prompt_ids, rt.tokenizer, allow_special)
     params = rt.sampling(**sampling)
     stats = Stats()
@@ -228,9 +234,11 @@ def convert(checkpoint, out, fmt, group, verify):
 @click.option("--plot", "plot_out", type=click.Path(), help="PNG: time by component, speed by context.")
 @click.option("--routing-stats", "routing_out", type=click.Path(), help="Expert counts for hybrid plan.")
 @click.option("--hardware-out", type=click.Path(), help="Measured hardware YAML for hybrid plan.")
+@threads_option
 def profile(model, shape, layers, experts, project_hardware, prompt_lens, batches, gen, repeat, probe_gib,
-            plan_file, store, **outputs):
+            plan_file, store, threads, **outputs):
     """Measure prefill and decode, break a token's time down by component, calibrate the planner."""
+    from hybrid.generation.threads import default_threads
     from hybrid.profile import Grid, Outputs, progress_display, run_profile, shape_model, summary, table, write_outputs
     from placement.hardware import load_hardware
 
@@ -246,7 +254,7 @@ def profile(model, shape, layers, experts, project_hardware, prompt_lens, batche
     with progress_display(err) as progress:
         report = run_profile(model or shape_model(shape, layers, experts, progress), grid, plan_file, store,
                              full_model="kimi-k2-instruct-0905" if shape else None, project_to=target,
-                             progress=progress)
+                             progress=progress, threads=threads or default_threads())
     Console().print(table(report))
     for line in summary(report):
         err.print(line)
@@ -266,7 +274,8 @@ def profile(model, shape, layers, experts, project_hardware, prompt_lens, batche
               help="JSON list of OpenAI-style function declarations the model may call.")
 @click.option("--prompt", help="Send this one message, print the reply, and exit (scripts, tests).")
 @reference_option
-def chat(model, demo, plan_file, store, tools_file, prompt, max_new_tokens, reference, **settings):
+@threads_option
+def chat(model, demo, plan_file, store, tools_file, prompt, max_new_tokens, reference, threads, **settings):
     """Chat with MODEL (a checkpoint folder or a Hugging Face id) in the terminal; /help lists the commands."""
     from hybrid.chat import run_chat
     from hybrid.generation.conversation import ChatSession
@@ -283,7 +292,8 @@ def chat(model, demo, plan_file, store, tools_file, prompt, max_new_tokens, refe
         from hybrid.generation.tools import load_tools
 
         load_tools(tools_file)  # its one-line error before minutes of loading
-    session = ChatSession.open(load_for_cli(model, plan_file, store, needs_chat=True, reference=reference),
+    session = ChatSession.open(load_for_cli(model, plan_file, store, needs_chat=True, reference=reference,
+                                            threads=threads),
                                tools_file=tools_file, max_new_tokens=max_new_tokens, **settings)
     from hybrid.read.hub import display_name
 
@@ -307,7 +317,9 @@ def chat(model, demo, plan_file, store, tools_file, prompt, max_new_tokens, refe
 @click.option("--max-context", type=int, help="Positions per request (default: the plan's or the model's).")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"], case_sensitive=False),
               default="info", show_default=True, help="info logs one line per request.")
-def serve(model, plan_file, store, reference, host, port, api_key, names, max_concurrency, max_context, log_level):
+@threads_option
+def serve(model, plan_file, store, reference, host, port, api_key, names, max_concurrency, max_context, log_level,
+          threads):
     """Serve MODEL over the OpenAI and Anthropic HTTP APIs (chat, completions, messages, tools, streaming),
     with a chat page at /."""
     from hybrid.errors import ConfigError
@@ -321,7 +333,7 @@ def serve(model, plan_file, store, reference, host, port, api_key, names, max_co
             raise ConfigError(f"{flag} {value}: must be at least 1")
     sock = bind(host, port)  # before the model loads (minutes for K2): a port in use is one line at once
     setup_logging(log_level)
-    runtime = load_for_cli(model, plan_file, store, needs_chat=True, reference=reference)
+    runtime = load_for_cli(model, plan_file, store, needs_chat=True, reference=reference, threads=threads)
     service = Service(runtime, tuple(names) or (display_name(model),), max_concurrency, max_context,
                       also_accepted=(model.name,))
     url = f"http://{f'[{host}]' if ':' in host else host}:{port}"
@@ -335,7 +347,8 @@ def serve(model, plan_file, store, reference, host, port, api_key, names, max_co
 
 
 @cli.command()
-@click.option("--threads", type=click.IntRange(min=1), help="Kernel threads (default: physical cores).")
+@click.option("--threads", type=click.IntRange(min=1), help="Kernel threads, and torch's for its baselines "
+              "(default: the physical cores).")
 @click.option("--formats", default="bf16,int8,int4", show_default=True,
               help="Comma list, e.g. int4,int4-g32,int8-g64, or GGUF types Q4_K,Q2_K,IQ2_XXS.")
 @click.option("--gguf", is_flag=True, help="Add every GGUF block type (Q8_0, K-quants, IQ and TQ types).")
@@ -390,25 +403,29 @@ def parse_prompt(prompt, prompt_ids, tokenizer, allow_special: bool = False) -> 
     return tokenizer.encode(prompt, allow_special=allow_special)
 
 
-def load_for_cli(folder: Path, plan_file=None, store=None, needs_chat: bool = False, reference: bool = False):
-    """open_runtime with a progress bar. Without a plan file the model is planned for this machine now (the
-    plan's summary shown, with how to save it), unless `reference` asks for the plain fp32 torch model. Every
-    file and the plan are checked before any weight is read."""
+def load_for_cli(folder: Path, plan_file=None, store=None, needs_chat: bool = False, reference: bool = False,
+                 threads: int | None = None):
+    """open_runtime with a progress bar, on a budget of `threads` CPU threads (default: the physical cores).
+    Without a plan file the model is planned for this machine now (the plan's summary shown, with how to save
+    it), unless `reference` asks for the plain fp32 torch model. Every file and the plan are checked before any
+    weight is read."""
     from rich.progress import Progress
 
     from hybrid.generation.runtime import open_runtime, plan_for_this_machine, plan_summary
+    from hybrid.generation.threads import default_threads
     from hybrid.read.open import open_checkpoint
+    from placement.plan import with_threads
 
     if reference and (plan_file or store):
         raise click.UsageError("--reference runs the plain torch model: it takes no --plan or --store")
-    ckpt, plan = open_checkpoint(folder), plan_file
+    ckpt, plan, threads = open_checkpoint(folder), plan_file, threads or default_threads()
     if plan is None and not reference:
-        plan = plan_for_this_machine(ckpt, store).plan
+        plan = with_threads(plan_for_this_machine(ckpt, store).plan, threads)
         err.print(f"[dim]no --plan: planned for this machine: {escape(plan_summary(plan))} "
                   f"(`hybrid plan {escape(str(folder))} -o plan.yaml` writes it to edit)[/dim]")
     with Progress(console=err, transient=True) as bar:
         task = bar.add_task("loading weights", total=None)
-        rt = open_runtime(ckpt, plan, store, needs_chat=needs_chat,
+        rt = open_runtime(ckpt, plan, store, needs_chat=needs_chat, threads=threads,
                           progress=lambda done, total: bar.update(task, completed=done, total=total))
     for note in rt.plan.notes if rt.plan is not None else ():
         err.print(f"[yellow]note:[/yellow] {escape(note)}")
@@ -416,6 +433,9 @@ def load_for_cli(folder: Path, plan_file=None, store=None, needs_chat: bool = Fa
 
 
 def main():
+    from hybrid.generation.threads import quiet_openmp
+
+    quiet_openmp()  # before any command imports torch
     cli(prog_name="hybrid")
 
 

@@ -153,10 +153,10 @@ def plan_for(ckpt: Checkpoint, plan_file, hw, grid: Grid, store=None):
 
 
 def run_profile(folder, grid: Grid = Grid(), plan_file=None, store=None, full_model=None, project_to=None,
-                progress=None) -> dict:
+                progress=None, threads: int | None = None) -> dict:
     """Measure the grid; returns the report dict (see README / docs/performance.md for its keys). Every check
     runs before a weight is read. progress(what, done, total) follows the load and each warm-up and repeat;
-    total is None while unknown."""
+    total is None while unknown. `threads`: the run's CPU thread budget (open_runtime; None: the plan's)."""
     from hybrid.generation.runtime import open_runtime
     from placement.resolve import resolve_hardware
 
@@ -164,7 +164,9 @@ def run_profile(folder, grid: Grid = Grid(), plan_file=None, store=None, full_mo
     ckpt = open_checkpoint(folder)
     hw = resolve_hardware()
     plan = plan_for(ckpt, plan_file, hw, grid, store)
-    rt = open_runtime(ckpt, plan, store, progress=lambda done, total: progress("loading weights", done, total))
+    rt = open_runtime(ckpt, plan, store, progress=lambda done, total: progress("loading weights", done, total),
+                      threads=threads)
+    plan = rt.plan  # with the budget's threads
     runs, counter = measure(rt, plan, grid, progress)
     report = calibrate(ckpt.config, plan, hw, runs, grid, progress)
     report |= {"model": str(folder), "plan": plan_file or "planned for this machine",

@@ -12,7 +12,8 @@ What a Runtime decides, each in one place:
   0.6 for kimi_k2 checkpoints (a K2 GGUF: Unsloth's temperature 0.6, min_p 0.01); a request's or a flag's
   values override them (`sampling`);
 - stop ids: the eos ids of config.json and generation_config.json, plus <|im_end|> when the tokenizer has it;
-- the attention device, where caches are built.
+- the attention device, where caches are built;
+- with `threads`, the process's CPU thread budget: torch's share and the kernel worker's (generation/threads.py).
 """
 
 from dataclasses import dataclass, field
@@ -30,6 +31,7 @@ from hybrid.generation.generate import DEFAULT_PREFILL_CHUNK, new_cache
 from hybrid.run.kv_cache import MLACache
 from hybrid.run.loader import cache_device, load_model
 from hybrid.generation.sampling import SamplingParams
+from hybrid.generation.threads import torch_threads, use_threads
 from hybrid.generation.tokenizer import TiktokenTokenizer, Tokenizer
 
 NO_PLAN_CONTEXT = 16384
@@ -78,18 +80,23 @@ class Runtime:
         return new_cache(self.model, n_positions, batch, self.device)
 
 
-def open_runtime(folder, plan=None, store=None, progress=None, needs_chat: bool = False) -> Runtime:
+def open_runtime(folder, plan=None, store=None, progress=None, needs_chat: bool = False,
+                 threads: int | None = None) -> Runtime:
     """Open the checkpoint at `folder` and load it as `plan` says: a Plan (plan_for_this_machine's, what the
     front ends use without --plan), a plan file path, or None (the plain fp32 torch reference model).
     `store`: a converted expert store. Every file is read and
     checked before any weight is loaded, the tokenizer and chat template too when `needs_chat` (chat, serve).
-    progress(done, total) follows the load."""
+    progress(done, total) follows the load. `threads`: the process's CPU thread budget (hybrid.generation.threads:
+    torch's pool is set to its share, the kernel worker gets it in place of the plan's cpu_threads); None leaves
+    torch as it is and the plan as written."""
     ckpt = folder if isinstance(folder, (Checkpoint, GGUFCheckpoint)) else open_checkpoint(folder)
     folder = Path(ckpt.folder)
     if plan is not None and not hasattr(plan, "settings"):
         from placement.plan_file import load_checked_plan
 
-        plan = load_checked_plan(plan, ckpt.config)
+        plan = load_checked_plan(plan, ckpt.config, threads=threads)
+    if threads is not None:
+        plan = use_threads(plan, threads)
     if store is None and plan is not None:
         store = plan.settings.expert_store  # a plan may name its store: --store is then not needed
     if isinstance(ckpt, GGUFCheckpoint):
@@ -103,6 +110,8 @@ def open_runtime(folder, plan=None, store=None, progress=None, needs_chat: bool 
     if needs_chat:
         require_chat(folder, tokenizer, template)  # its one line before minutes of loading
     model = load_model(ckpt, plan=plan, store=store, progress=progress)
+    if threads is not None:
+        torch.set_num_threads(torch_threads(plan, threads))  # its share while the kernels run too
     cfg = ckpt.config
     if plan is not None:
         max_context, chunk = plan.settings.context_length, plan.settings.prefill_chunk or DEFAULT_PREFILL_CHUNK

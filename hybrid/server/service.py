@@ -310,13 +310,14 @@ def tool_arguments(call: ToolCall) -> dict:
 
 
 def load_service(folder, plan_file=None, store=None, names: tuple[str, ...] = (), max_concurrency: int = 4,
-                 max_context: int | None = None) -> Service:
+                 max_context: int | None = None, threads: int | None = None) -> Service:
     """A Service on the checkpoint at `folder` (K2's packaged template when it ships none), listed under
-    `names` (default: the folder's name, which requests may always give)."""
+    `names` (default: the folder's name, which requests may always give); `threads`: open_runtime's."""
     from pathlib import Path
 
     from hybrid.generation.runtime import open_runtime
 
     folder_name = Path(folder).name
-    return Service(open_runtime(folder, plan_file, store, needs_chat=True), tuple(names) or (folder_name,),
-                   max_concurrency, max_context, also_accepted=(folder_name,))
+    runtime = open_runtime(folder, plan_file, store, needs_chat=True, threads=threads)
+    return Service(runtime, tuple(names) or (folder_name,), max_concurrency, max_context,
+                   also_accepted=(folder_name,))
