@@ -5,7 +5,9 @@ Groups: embed, lm_head, attention (MLA projections + their norms), norms (per-la
 routed_experts. Formats: bf16 and fp32 for GPU/CPU torch tensors; block-FP8 as stored in the checkpoint (one
 byte per value plus an fp32 scale per 128x128 block); the CPU expert store's bf16/int8/int4 (tile padding and
 group scales included, sizes from cpu_kernels.formats); gguf, a GGUF checkpoint's tensors in the types its file
-stores them in (ModelConfig.stored_types, block sizes from gguf's own table).
+stores them in (ModelConfig.stored_types, block sizes from gguf's own table). A weight matrix the CPU kernels
+compute (plan kernel cpu_linear) takes the same store formats, with the group its input width divides
+(`linear_format`), and kv_b_proj is kept as MLA's per-head absorbed products (`absorbed_shapes`).
 """
 
 import re
@@ -77,6 +79,45 @@ def _stored_types(cfg: ModelConfig) -> dict:
             _STORED.clear()
         hit = _STORED[id(cfg)] = (cfg, dict(cfg.stored_types))
     return hit[1]
+
+
+def linear_format(fmt: Format, n_in: int) -> Format | None:
+    """The format a matrix with n_in inputs is kept in by kernel cpu_linear: `fmt`, else (n_in not a multiple of its
+    group) the same format with the largest group that divides n_in; None when none does (the matrix then stays
+    a torch bf16 parameter). The loader and the byte accounting both ask this."""
+    groups = [fmt.group_size] + sorted((g for g in fmt.spec.group_sizes if g != fmt.group_size), reverse=True)
+    for group in groups:
+        candidate = Format(fmt.name, group)
+        if n_in % candidate.spec.input_multiple(group) == 0:
+            return candidate
+    return None
+
+
+def absorbed_shapes(cfg: ModelConfig) -> tuple[tuple[int, int], tuple[int, int]]:
+    """kv_b_proj [heads x (N + V), R] as the CPU kernels keep it, one pair of matrices per head: the key half
+    transposed, [R, N] (q_nope -> its latent query), and the value half, [V, R] (attention output latent -> values)."""
+    R = cfg.kv_lora_rank
+    return (R, cfg.qk_nope_head_dim), (cfg.v_head_dim, R)
+
+
+def is_kv_b(name: str) -> bool:
+    return name.endswith(".self_attn.kv_b_proj.weight")
+
+
+def linear_bytes(name: str, shape, fmt_name: str, cfg: ModelConfig) -> int:
+    """Bytes of weight matrix `name` [shape] as kernel cpu_linear keeps it in format `fmt_name` (bf16, int8, int4
+    with a group): tile padding and scales included, kv_b_proj as its per-head absorbed matrices, a matrix no
+    group of the format divides as torch bf16."""
+    fmt = parse_format(fmt_name)
+
+    def one(n_out, n_in):
+        kept = linear_format(fmt, n_in)
+        return matrix_bytes(kept, n_out, n_in) if kept is not None else TORCH_BYTES["bf16"] * n_out * n_in
+
+    if is_kv_b(name):
+        (uk_out, uk_in), (uv_out, uv_in) = absorbed_shapes(cfg)
+        return cfg.num_attention_heads * (one(uk_out, uk_in) + one(uv_out, uv_in))
+    return one(*shape)
 
 
 def stored_bytes(cfg: ModelConfig | None, name: str, shape) -> int:

@@ -6,7 +6,7 @@ registries: a plan file names them, it never names code. `plan_file.py` holds th
 """
 
 import re
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from functools import cached_property
 
 from cpu_kernels.formats import parse_format
@@ -22,10 +22,14 @@ KERNELS = {
     "torch": "any tensor, on cpu or cuda:N, in bf16 or fp32 (or fp8 for the checkpoint's block-FP8 projections)",
     "cpu_moe": "routed experts only, on cpu, in an expert-store format (bf16, int8, int4, with -g32/-g64/-g128), "
                "or gguf: a GGUF checkpoint's experts in their stored blocks",
-    "cpu_gguf": "a GGUF checkpoint's weight matrices outside the routed experts (projections, embedding, head), on "
-                "cpu, in format gguf: computed from their stored blocks by the CPU kernels, never expanded",
+    "cpu_linear": "weight matrices outside the routed experts and routers (attention projections with MLA's "
+                  "absorbed per-head products, shared experts, dense MLPs, head), on cpu, computed by the CPU "
+                  "kernels: in an expert-store format (bf16, int8, int4, with -g32/-g64/-g128), quantized at load, "
+                  "or gguf: a GGUF checkpoint's matrices (and embedding) in their stored blocks, never expanded",
+    "cpu_gguf": "the earlier name of cpu_linear with format gguf (plan files that use it keep working)",
 }
-OPTIONS = {"torch": set(), "cpu_moe": {"threads"}, "cpu_gguf": {"threads"}}
+OPTIONS = {"torch": set(), "cpu_moe": {"threads"}, "cpu_linear": {"threads"}, "cpu_gguf": {"threads"}}
+LINEAR_KERNELS = ("cpu_linear", "cpu_gguf")  # the CPU kernels on single weight matrices
 BACKINGS = ("ram", "disk")
 # The tensor whose rule says where attention runs: the MLA cache and the attention workspace live there.
 ATTENTION_TENSOR = f"{layer_prefix(0)}.self_attn.kv_a_proj_with_mqa.weight"
@@ -142,15 +146,18 @@ def check_rule(rule: Rule, source: str):
         raise PlanError(f"{at}: unknown kernel {rule.kernel!r}; known: {', '.join(KERNELS)}")
     if rule.kernel == "torch" and rule.format not in TORCH_FORMATS:
         raise PlanError(f"{at}: kernel torch takes format {' or '.join(TORCH_FORMATS)}, not {rule.format!r}")
-    if rule.kernel in ("cpu_moe", "cpu_gguf") and rule.device != "cpu":
+    if rule.kernel != "torch" and rule.device != "cpu":
         raise PlanError(f"{at}: kernel {rule.kernel} runs on cpu, not {rule.device}")
     if rule.kernel == "cpu_gguf" and rule.format != memory.GGUF:
         raise PlanError(f"{at}: kernel cpu_gguf takes format {memory.GGUF}, not {rule.format!r}")
-    if rule.kernel == "cpu_moe" and rule.format != memory.GGUF:
+    if rule.kernel in ("cpu_moe", "cpu_linear") and rule.format != memory.GGUF:
         try:
-            parse_format(rule.format)
+            fmt = parse_format(rule.format)
         except ValueError as e:
-            raise PlanError(f"{at}: unknown format {rule.format!r} for cpu_moe ({e})") from None
+            raise PlanError(f"{at}: unknown format {rule.format!r} for {rule.kernel} ({e})") from None
+        if fmt.spec.quantize is None:  # a GGUF type is a file's, not a choice: format gguf keeps it as stored
+            raise PlanError(f"{at}: format {rule.format} is a GGUF type; {rule.kernel} takes {memory.GGUF} for a GGUF "
+                            f"checkpoint's tensors as stored")
     unknown = set(rule.options) - OPTIONS[rule.kernel]
     if unknown:
         raise PlanError(f"{at}: unknown option '{sorted(unknown)[0]}' for kernel {rule.kernel}")
@@ -160,9 +167,18 @@ def check_rule(rule: Rule, source: str):
 
 
 def cpu_threads(plan: Plan) -> int:
-    """The most threads any of the plan's CPU expert kernels runs (0 without cpu_moe rules)."""
-    return max((r.options.get("threads", plan.settings.cpu_threads) for r in plan.rules if r.kernel == "cpu_moe"),
-               default=0)
+    """The threads of the plan's CPU-kernel worker: the most any of its CPU-kernel rules (cpu_moe, cpu_linear) asks
+    for (0 without such rules). The runtime runs one worker for all of them (cpu_kernels/threads.py)."""
+    return max((r.options.get("threads", plan.settings.cpu_threads) for r in plan.rules
+                if r.kernel == "cpu_moe" or r.kernel in LINEAR_KERNELS), default=0)
+
+
+def with_threads(plan: Plan, n_threads: int) -> Plan:
+    """The plan with cpu_threads and every rule's threads option set to n_threads (`--threads`: one budget for
+    the whole run)."""
+    rules = tuple(replace(r, options=r.options | {"threads": n_threads}) if "threads" in r.options else r
+                  for r in plan.rules)
+    return replace(plan, settings=replace(plan.settings, cpu_threads=n_threads), rules=rules)
 
 
 def check_model(plan: Plan, cfg: ModelConfig, planned_for: Architecture | None) -> None:
@@ -199,6 +215,8 @@ class Budget:
 
     by_device: dict  # device -> {group: bytes}
     expert_device_bytes: dict  # device -> routed-expert bytes
+    linear_bytes: int = 0  # of the CPU's, weight matrices the CPU kernels stream per token (cpu_linear)
+    linear_block_weights: int = 0  # weights of those kept in GGUF blocks (their kernels are compute-bound)
 
     def total(self, device: str) -> int:
         return sum(self.by_device.get(device, {}).values())
@@ -206,7 +224,7 @@ class Budget:
 
 def place_all(plan: Plan, cfg: ModelConfig) -> Budget:
     """Place every tensor; error on one no rule matches or a kernel that cannot compute it."""
-    by_device, experts = {}, {}
+    by_device, experts, linears, block_weights = {}, {}, 0, 0
     for name, shape in memory.tensors(cfg):
         rule = plan.rule_for(name)
         if rule is None:
@@ -218,18 +236,23 @@ def place_all(plan: Plan, cfg: ModelConfig) -> Budget:
         if rule.format == "fp8" and not quantizable(name):
             raise PlanError(f"{rule.where(plan.source)}: format fp8 is only for block-FP8 projection weights, but "
                             f"rule {rule.match!r} also matches {name}")
-        if rule.kernel == "cpu_gguf" and (is_expert or len(shape) != 2):
-            raise PlanError(f"{rule.where(plan.source)}: kernel cpu_gguf computes weight matrices outside the routed "
-                            f"experts, but rule {rule.match!r} also matches {name}")
+        group = memory.group_of(name)
+        if rule.kernel in LINEAR_KERNELS:
+            _check_linear(plan, rule, name, shape, group)
         if rule.format == memory.GGUF and not cfg.gguf:
             raise PlanError(f"{rule.where(plan.source)}: format {memory.GGUF} is for GGUF checkpoints, and this "
                             f"model ({cfg.source}) is not one")
-        nbytes = memory.tensor_bytes(name, shape, rule.format, cfg)
-        group = memory.group_of(name)
+        if rule.kernel == "cpu_linear" and rule.format != memory.GGUF:
+            nbytes = memory.linear_bytes(name, shape, rule.format, cfg)
+        else:
+            nbytes = memory.tensor_bytes(name, shape, rule.format, cfg)
         dev = by_device.setdefault(rule.device, {})
         dev[group] = dev.get(group, 0) + nbytes
         if is_expert:
             experts[rule.device] = experts.get(rule.device, 0) + nbytes
+        if rule.kernel in LINEAR_KERNELS and group != "embed":  # an embedding is looked up, not streamed
+            linears += nbytes
+            block_weights += memory.numel(shape) if rule.format == memory.GGUF else 0
     check_cache(plan, plan.source)
     main = plan.cache_device
     s = plan.settings
@@ -238,4 +261,17 @@ def place_all(plan: Plan, cfg: ModelConfig) -> Budget:
     dev["workspace"] = memory.workspace_bytes(cfg, s.context_length, s.prefill_chunk, s.batch)
     if main != "cpu":
         dev["cuda_context"] = memory.CUDA_CONTEXT_BYTES
-    return Budget(by_device, experts)
+    return Budget(by_device, experts, linears, block_weights)
+
+
+def _check_linear(plan: Plan, rule: Rule, name: str, shape, group: str):
+    """What cpu_linear (and cpu_gguf) computes: weight matrices, not routed experts or routers (those stay float32
+    for a stable top-k), and an embedding only as GGUF blocks (a lookup of stored rows; a table quantized here
+    would be read a row at a time, which torch already does)."""
+    at = rule.where(plan.source)
+    if group in ("routed_experts", "router") or len(shape) != 2:
+        raise PlanError(f"{at}: kernel {rule.kernel} computes weight matrices outside the routed experts and "
+                        f"routers, but rule {rule.match!r} also matches {name}")
+    if group == "embed" and rule.format != memory.GGUF:
+        raise PlanError(f"{at}: the embedding is a lookup: torch, or kernel {rule.kernel} with format {memory.GGUF} "
+                        f"(a GGUF's rows as stored), not {rule.format}; rule {rule.match!r} matches {name}")

@@ -12,7 +12,7 @@
       context_length: 131072            # tokens of MLA cache reserved per sequence
       batch: 1                          # sequences decoded together
       cache_device: cuda:0              # where the MLA cache lives: the attention's device (default: that)
-      cpu_threads: 32                   # CPU expert kernel threads (default: physical cores)
+      cpu_threads: 32                   # CPU-kernel threads (default: physical cores; --threads overrides)
       expert_format: int4               # CPU expert store format: bf16, int8, int4 (+ -g32/-g64/-g128)
       gpu_expert_layers: [3, 4]         # MoE layers whose routed experts live on the GPU
       prefill_chunk: 64                 # prompt tokens per forward (bounds the attention workspace)
@@ -31,7 +31,12 @@
         format: int4
         kernel: cpu_moe
         options: {threads: 32}
-      - match: '.*'                     # everything else: attention, norms, routers, shared experts, head
+      - match: '^lm_head\\.'             # weight matrices on the CPU kernels (a plan without a GPU puts every
+        device: cpu                     # one there): a store format quantized at load, or gguf (a GGUF's
+        format: int8                    # blocks); not routers, norms or experts. cpu_gguf, the earlier name
+        kernel: cpu_linear              # of cpu_linear with format gguf, still loads
+        options: {threads: 32}
+      - match: '.*'                     # everything else: attention, norms, routers, shared experts
         device: cuda:0
         format: bf16
         kernel: torch
@@ -52,7 +57,8 @@ import yaml
 from hybrid.errors import PlanError
 from placement.hardware import detect
 from placement.memory import check_expert_format
-from placement.plan import BACKINGS, Architecture, Plan, Rule, Settings, check_cache, check_rule, is_device
+from placement.plan import (BACKINGS, Architecture, Plan, Rule, Settings, check_cache, check_rule, is_device,
+                            with_threads)
 from placement.planner import evaluate
 
 RULE_KEYS = {"match", "device", "format", "kernel", "options"}
@@ -95,12 +101,14 @@ def load_plan(path) -> Plan:
     return plan
 
 
-def load_checked_plan(path, cfg, hw=None) -> Plan:
+def load_checked_plan(path, cfg, hw=None, threads: int | None = None) -> Plan:
     """A plan file, checked as `hybrid plan --check` checks it (planner.evaluate) against the checkpoint's config
     and this machine (`hw`, default: detected): written for this model, every tensor placed by a rule whose
     kernel can compute it, within this machine's memory. What the runtime front ends call before any weight
-    is read; the returned plan's `notes` are the check's warnings, for the front end to show."""
+    is read; the returned plan's `notes` are the check's warnings, for the front end to show. `threads`: the
+    run's thread budget (`--threads`), in place of the file's cpu_threads (with_threads) before the check."""
     plan = load_plan(path)
+    plan = plan if threads is None else with_threads(plan, threads)
     check_expert_format(cfg, plan.settings.expert_format, f"plan {path}", cfg.source)
     return replace(plan, notes=evaluate(plan, cfg, hw or detect()).notes)
 

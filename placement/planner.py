@@ -3,7 +3,8 @@
 Default policy: embeddings, MLA attention, norms, routers, shared experts, dense layers and lm_head on the GPU
 in bf16; routed experts in RAM for the CPU kernels; then, while GPU memory is left after cache and workspace,
 routed experts move to the GPU: the most-used (layer, expert) pairs when routing counts are given, else whole
-layers. No GPU: everything on the CPU. A plan that does not fit is refused here, before anything loads, with
+layers. No GPU: everything on the CPU, the weight matrices on the CPU kernels too (cpu_linear: int8 quantized at
+load, a GGUF's in their blocks), norms, routers and the attention over the cache in CPU torch. A plan that does not fit is refused here, before anything loads, with
 the numbers and the options that would fit, each with its projected speed.
 """
 
@@ -25,7 +26,11 @@ EMBED_RE = r"^model\.embed_tokens\."
 # The block-FP8 projections outside the routed experts: attention, shared experts, dense MLPs.
 FP8_RE = (r"\.(self_attn\.(q_a_proj|q_b_proj|q_proj|kv_a_proj_with_mqa|kv_b_proj|o_proj)"
           r"|mlp\.shared_experts\.\w+|mlp\.(gate|up|down)_proj)\.weight$")
-# A GGUF checkpoint's weight matrices the CPU kernels compute from their blocks (cpu_gguf) when no GPU takes them.
+# The weight matrices the CPU kernels compute (cpu_linear) when no GPU takes them: the projections above and the head.
+CPU_LINEAR_RE = r"^lm_head\.|" + FP8_RE
+DEFAULT_CPU_LINEAR_FORMAT = "int8"  # 1.03 bytes per weight against bf16's 2, within 1 % of it per matvec
+TORCH = "torch"  # PlanRequest.linear_format that keeps CPU weight matrices in CPU torch bf16 instead
+# A GGUF checkpoint's weight matrices the CPU kernels compute from their blocks (cpu_linear) when no GPU takes them.
 GGUF_BLOCKS_RE = (r"^model\.embed_tokens\.|^lm_head\.|\.(self_attn\.(q_a_proj|q_b_proj|q_proj|kv_a_proj_with_mqa|o_proj)"
                   r"|mlp\.shared_experts\.\w+|mlp\.(gate|up|down)_proj)\.weight$")
 # What a GGUF plan keeps on the CPU in its blocks when the rest in bf16 would not fit the GPU: the head, the
@@ -51,6 +56,9 @@ class PlanRequest:
     routing_counts: dict | None = None  # {layer: [count per expert]}
     allow_disk: bool = False
     cpu_threads: int | None = None  # None: one per physical core
+    # How a plan without a GPU keeps its weight matrices: a store format for cpu_linear (bf16, int8, int4, -gG),
+    # gguf (a GGUF's blocks), or torch (CPU torch bf16); None: int8, gguf for a GGUF checkpoint
+    linear_format: str | None = None
 
     def __post_init__(self):
         for flag, value, least, optional in (("--context", self.context_length, 1, True),
@@ -61,15 +69,22 @@ class PlanRequest:
                 continue
             if isinstance(value, bool) or not isinstance(value, int) or value < least:
                 raise PlanError(f"{flag} must be a whole number, {least} or more, got {value!r}")
-        if self.expert_format in (None, memory.GGUF):
-            return
-        try:
-            fmt = parse_format(self.expert_format)
-        except ValueError:
-            fmt = None
-        if fmt is None or fmt.spec.quantize is None:  # GGUF types are a file's, not a choice: gguf keeps them
+        if not _store_format(self.expert_format):
             raise PlanError(f"--experts {self.expert_format}: not one of {', '.join(WRITABLE_NAMES)} (with -g32, "
                             f"-g64 or -g128) or {memory.GGUF} (a GGUF checkpoint's experts as stored)")
+        if self.linear_format != TORCH and not _store_format(self.linear_format):
+            raise PlanError(f"--linears {self.linear_format}: not one of {', '.join(WRITABLE_NAMES)} (with -g32, "
+                            f"-g64 or -g128), {memory.GGUF} (a GGUF checkpoint's matrices as stored) or {TORCH}")
+
+
+def _store_format(name: str | None) -> bool:
+    """None, gguf, or a format hybrid writes (GGUF types are a file's, not a choice: gguf keeps them)."""
+    if name in (None, memory.GGUF):
+        return True
+    try:
+        return parse_format(name).spec.quantize is not None
+    except ValueError:
+        return False
 
 
 @dataclass(frozen=True)
@@ -107,9 +122,14 @@ def make_plan(cfg: ModelConfig, model: str, hw: Hardware, req: PlanRequest = Pla
                f" GiB in {req.expert_format}) in RAM for the CPU kernels: {hw.cores} threads"]
     if hw.gpu is None:
         settings = replace(settings, prefill_chunk=512)
-        plan = _base_plan(model, settings, "cpu", req.expert_format, "bf16", cfg)
-        reasons.append("no GPU: attention, shared experts and head run on the CPU kernels in their GGUF blocks"
-                       if cfg.gguf else "no GPU: attention, shared experts and head run on CPU torch in bf16")
+        linears = _linear_format(cfg, model, req)
+        plan = _base_plan(model, settings, "cpu", req.expert_format, "bf16", cfg, linears)
+        reasons.append("no GPU: attention, shared experts and head run on CPU torch in bf16" if linears == TORCH else
+                       "no GPU: attention, shared experts, dense layer and head run on the CPU kernels in their GGUF "
+                       "blocks" if linears == memory.GGUF else
+                       f"no GPU: attention (MLA's absorbed products too), shared experts, dense layer and head run on "
+                       f"the CPU kernels in {linears}, quantized at load; norms, routers and attention over the cache "
+                       f"in CPU torch")
         capacity = {}
     else:
         cap = int(hw.gpu.memory_gib * GIB)
@@ -244,19 +264,36 @@ def _gpu_base(cfg, model, settings: Settings, cap: int):
     return plan, need, weight_format
 
 
-def _base_plan(model, settings, main_device, expert_format, weight_format, cfg) -> Plan:
-    rules = [Rule(EXPERTS_RE, "cpu", expert_format, "cpu_moe", {"threads": settings.cpu_threads})]
+def _linear_format(cfg, model, req: PlanRequest) -> str:
+    """How a plan without a GPU keeps its weight matrices: the request's, else gguf (a GGUF checkpoint's blocks) or
+    int8 quantized at load."""
+    fmt = req.linear_format or (memory.GGUF if cfg.gguf else DEFAULT_CPU_LINEAR_FORMAT)
+    if fmt not in (TORCH, memory.GGUF) and cfg.gguf:
+        raise PlanError(f"--linears {fmt}: {model} is a GGUF checkpoint, whose matrices run as stored "
+                        f"({memory.GGUF}) or in CPU {TORCH}")
+    if fmt == memory.GGUF and not cfg.gguf:
+        raise PlanError(f"--linears {fmt}: keeps a GGUF checkpoint's matrices as stored; {model} is not one")
+    return fmt
+
+
+def _base_plan(model, settings, main_device, expert_format, weight_format, cfg, linears=TORCH) -> Plan:
+    """The rules before any expert goes to the GPU. `linears`: how a plan without a GPU keeps its weight matrices
+    (_linear_format)."""
+    threads = {"threads": settings.cpu_threads}
+    rules = [Rule(EXPERTS_RE, "cpu", expert_format, "cpu_moe", threads)]
     if cfg.gguf:
         # Kept in their blocks on the CPU, never expanded: the embedding (one row per token) everywhere, and with no
         # GPU every weight matrix the CPU kernels read (kv_b_proj is rebuilt from attn_k_b/attn_v_b, so torch).
-        blocks = EMBED_RE if main_device != "cpu" else GGUF_BLOCKS_RE
-        rules.append(Rule(blocks, "cpu", memory.GGUF, "cpu_gguf", {"threads": settings.cpu_threads}))
+        blocks = GGUF_BLOCKS_RE if main_device == "cpu" and linears == memory.GGUF else EMBED_RE
+        rules.append(Rule(blocks, "cpu", memory.GGUF, "cpu_linear", threads))
     elif main_device != "cpu":
         rules.append(Rule(EMBED_RE, "cpu", "bf16", "torch"))
+    elif linears != TORCH:
+        rules.append(Rule(CPU_LINEAR_RE, "cpu", linears, "cpu_linear", threads))
     if weight_format == "fp8":
         rules.append(Rule(FP8_RE, main_device, "fp8", "torch"))
     if weight_format == memory.GGUF:  # bf16 would not fit: the parts read once per token stay in their blocks
-        rules.append(Rule(GGUF_CPU_PART_RE, "cpu", memory.GGUF, "cpu_gguf", {"threads": settings.cpu_threads}))
+        rules.append(Rule(GGUF_CPU_PART_RE, "cpu", memory.GGUF, "cpu_linear", threads))
     rules.append(Rule(".*", main_device, "bf16", "torch"))
     return Plan(model=model, settings=settings, rules=tuple(rules))
 
@@ -335,17 +372,18 @@ def traffic_of(cfg, plan: Plan, budget: Budget, gpu_share: float, hit_rate: floa
     counts = memory.param_counts(cfg)
     dense_active = counts["attention"] + counts["shared_experts"] + counts["dense_mlp"] + counts["lm_head"]
     # non-expert weights on the CPU: all of them without a GPU; with one, a GGUF's head and shared experts kept in
-    # their blocks
+    # their blocks. Of them, what the CPU kernels compute (cpu_linear) streams at their rate, not torch's.
     cpu_dev = budget.by_device.get("cpu", {})
     on_cpu = sum(v for g, v in cpu_dev.items() if g not in ("routed_experts", "kv_cache", "workspace", "embed"))
     expert_bytes = memory.expert_bytes(cfg, plan.settings.expert_format)
+    linears = {"cpu_linear_bytes": budget.linear_bytes, "cpu_linear_block_weights": budget.linear_block_weights}
     if gpu is None:
-        return Traffic(0, 0, on_cpu, expert_bytes, 0.0, hit_rate, 0, dense_active, kernel_rate(plan))
+        return Traffic(0, 0, on_cpu, expert_bytes, 0.0, hit_rate, 0, dense_active, kernel_rate(plan), **linears)
     dev = budget.by_device.get(gpu, {})
     weights = sum(v for g, v in dev.items() if g not in ("routed_experts", "kv_cache", "workspace", "cuda_context",
                                                          "embed"))
     return Traffic(weights, dev.get("shared_experts", 0), on_cpu, expert_bytes, gpu_share, hit_rate, dense_active, 0,
-                   kernel_rate(plan))
+                   kernel_rate(plan), **linears)
 
 
 def kernel_rate(plan: Plan) -> float:

@@ -6,8 +6,9 @@ Decode (one token per sequence, `batch` sequences, context c):
                at least their weights / (cores x GGUF_WEIGHTS_PER_CORE_S) for GGUF block types (compute-bound)
                (NUMA factor: NUMA_UNSPLIT_FACTOR with several nodes, as the kernels do not split experts by node)
                + expert bytes that miss the page cache / disk bandwidth            (disk-backed experts only)
-               + non-expert weights on the CPU / (RAM bandwidth x torch efficiency)  (no-GPU plans; a GGUF's parts
-                 a GPU plan keeps in their blocks on the CPU)
+               + non-expert weights CPU torch computes / (RAM bandwidth x torch efficiency)   (no-GPU plans)
+               + weight matrices the CPU kernels compute (cpu_linear) / (RAM bandwidth x kernel efficiency x NUMA
+                 factor), at least their weights / (cores x GGUF_WEIGHTS_PER_CORE_S) for GGUF block types
     t_shared = shared-expert bytes / GPU bandwidth      (runs while the CPU computes the routed experts)
     t_xfer   = MoE layers x 2 x (batch x H x 2 bytes / PCIe + PCIE_LATENCY_S)   (hidden states down, results up)
     t_token  = (t_gpu - t_shared) + max(t_cpu, t_shared) + t_xfer + layers x layer overhead
@@ -36,7 +37,7 @@ class Traffic:
 
     gpu_weight_bytes: int  # non-expert weights on the GPU read per decoded token
     gpu_shared_bytes: int  # of which the shared experts
-    cpu_weight_bytes: int  # non-expert weights on the CPU (all-CPU plans)
+    cpu_weight_bytes: int  # non-expert weights on the CPU read per decoded token, torch's and the kernels'
     expert_bytes: int  # one routed expert in its CPU format
     gpu_expert_share: float  # share of routed-expert traffic served by GPU-resident experts
     ram_hit_rate: float = 1.0  # share of CPU expert reads served from RAM (below 1 only for disk-backed experts)
@@ -45,6 +46,8 @@ class Traffic:
     # weights per second one core's expert kernels decode when they, not RAM, set the pace (GGUF block types);
     # 0: the kernels keep up with RAM (bf16/int8/int4, measured at 62-85 % of the probe)
     kernel_weights_per_core_s: float = 0.0
+    cpu_linear_bytes: int = 0  # of cpu_weight_bytes, the matrices the CPU kernels compute (cpu_linear)
+    cpu_linear_block_weights: int = 0  # weights of those kept in GGUF blocks (compute-bound like GGUF experts)
 
 
 @dataclass(frozen=True)
@@ -80,7 +83,11 @@ def project(cfg: ModelConfig, hw: Hardware, tr: Traffic, context: int, batch: in
     if tr.kernel_weights_per_core_s:  # decoding the blocks may take longer than reading them
         weights = n_moe * unique_experts(E, K, batch) * cpu_share * 3 * H * I
         t_cpu = max(t_cpu, weights / (hw.cores * tr.kernel_weights_per_core_s))
-    t_cpu += tr.cpu_weight_bytes / (hw.ram_bandwidth_gbps * 1e9 * hw.cpu_torch_efficiency)
+    t_cpu += (tr.cpu_weight_bytes - tr.cpu_linear_bytes) / (hw.ram_bandwidth_gbps * 1e9 * hw.cpu_torch_efficiency)
+    t_linear = tr.cpu_linear_bytes / cpu_bw
+    if tr.cpu_linear_block_weights and tr.kernel_weights_per_core_s:
+        t_linear = max(t_linear, tr.cpu_linear_block_weights / (hw.cores * tr.kernel_weights_per_core_s))
+    t_cpu += t_linear
     cache_read = batch * context * cfg.kv_cache_bytes_per_token
     if hw.gpu is not None:
         gpu_bw = hw.gpu.bandwidth_gbps * 1e9

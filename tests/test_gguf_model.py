@@ -4,7 +4,8 @@ Files are written by tests/gguf_files.py (gguf-py's GGUFWriter) from tiny safete
 shards, K2's tokenizer metadata, both MLA layouts, and routed experts in a different mix of GGUF types per layer,
 as Unsloth's dynamic quants lay them out. The reference is the plain float32 torch model fed the weights that
 gguf-py's own `dequantize` produces (`load_model(ckpt)` without a plan); the hybrid path computes the routed
-experts (cpu_moe) and every other matrix (cpu_gguf) on the stored blocks with the CPU kernels.
+experts (cpu_moe) and every other matrix (cpu_linear; fp32_plan spells it cpu_gguf, its earlier name, as older plan
+files do) on the stored blocks with the CPU kernels.
 """
 
 import json
@@ -128,7 +129,7 @@ def test_planned_for_this_machine_runs_on_the_blocks(exported):
     ckpt = open_checkpoint(exported("split"))
     plan = plan_for_this_machine(ckpt).plan
     assert plan.settings.expert_format == "gguf"
-    assert {(r.kernel, r.format) for r in plan.rules} >= {("cpu_moe", "gguf"), ("cpu_gguf", "gguf")}
+    assert {(r.kernel, r.format) for r in plan.rules} >= {("cpu_moe", "gguf"), ("cpu_linear", "gguf")}
     rt = open_runtime(ckpt, plan)
     logits, want = rt.model(torch.tensor([PROMPT])), load_model(ckpt)(torch.tensor([PROMPT]))
     assert float((logits - want).norm() / want.norm()) < 0.05  # bf16 activations

@@ -1,10 +1,13 @@
-"""Weight matrices of a GGUF checkpoint kept in their blocks on the CPU (plan kernel cpu_gguf), as torch modules.
+"""Weight matrices the CPU kernels compute (plan kernel cpu_linear), as torch modules.
 
-Dimension legend: T tokens, n_out / n_in the matrix size.
+Dimension legend: T tokens, n_out / n_in the matrix size, B batch, Hh heads, N nope dims, V value dims,
+R kv_lora_rank.
 
-They stand where an nn.Linear or nn.Embedding would: the CPU kernels (cpu_kernels.dense) multiply by the
-memory-mapped blocks, so a machine without a GPU runs K2's ~11 B non-expert parameters at the file's size
-rather than expanding them to 22 GB of bf16. Inputs come from any device and results go back to it.
+They stand where an nn.Linear or nn.Embedding would: the CPU kernels (cpu_kernels.dense) multiply by the matrix
+in its cpu_kernels format, int8 quantized at load or a GGUF's memory-mapped blocks, so a machine without a GPU
+streams 1 byte per weight (or the file's size) instead of bf16's 2, and never expands K2's ~11 B non-expert
+parameters to 22 GB. Inputs come from any device and dtype; the kernels compute in float32 and results go back to
+the input's device and dtype.
 """
 
 import numpy as np
@@ -13,7 +16,7 @@ from torch import nn
 
 
 class BlockLinear(nn.Module):
-    """y = x @ W.T with W a cpu_kernels DenseMatrix (its stored blocks)."""
+    """y = x @ W.T with W a cpu_kernels DenseMatrix."""
 
     def __init__(self, matrix):
         super().__init__()
@@ -26,12 +29,36 @@ class BlockLinear(nn.Module):
         return y.to(x.device, x.dtype).view(*x.shape[:-1], self.out_features)
 
     def dense_weight(self, dtype) -> torch.Tensor:
-        """The whole matrix dequantized (for a caller that needs W itself, such as MLA's absorbed kv_b)."""
+        """The whole matrix dequantized (for a caller that needs W itself)."""
         return torch.from_numpy(self.matrix.rows(np.arange(self.out_features))).to(dtype)
 
 
+class AbsorbedKvB(nn.Module):
+    """MLA's kv_b_proj [Hh x (N + V), R] kept as the absorbed attention uses it, two cpu_kernels DenseStacks of one
+    matrix per head: `key_half` [Hh][R, N] (transposed) and `value_half` [Hh][V, R]."""
+
+    def __init__(self, key_half, value_half):
+        super().__init__()
+        self.key_half, self.value_half = key_half, value_half
+
+    @staticmethod
+    def _per_head(stack, x: torch.Tensor) -> torch.Tensor:
+        B, T, Hh, n_in = x.shape
+        heads = x.to("cpu", torch.float32).permute(2, 0, 1, 3).reshape(Hh, B * T, n_in).contiguous().numpy()
+        y = torch.from_numpy(stack.forward(heads))  # [Hh, B * T, n_out]
+        return y.view(Hh, B, T, stack.n_out).permute(1, 2, 0, 3).to(x.device, x.dtype)
+
+    def absorb_query(self, q_nope: torch.Tensor) -> torch.Tensor:
+        """q_nope [B, T, Hh, N] -> the latent query [B, T, Hh, R] (q_nope times each head's key half)."""
+        return self._per_head(self.key_half, q_nope)
+
+    def absorb_output(self, o_lat: torch.Tensor) -> torch.Tensor:
+        """The attention's latent output [B, T, Hh, R] -> values [B, T, Hh, V] (times each head's value half)."""
+        return self._per_head(self.value_half, o_lat)
+
+
 class BlockEmbedding(nn.Module):
-    """An embedding table kept in its blocks: a lookup dequantizes only the rows of the tokens asked for."""
+    """An embedding table kept in its GGUF blocks: a lookup dequantizes only the rows of the tokens asked for."""
 
     def __init__(self, matrix, dtype: torch.dtype):
         super().__init__()

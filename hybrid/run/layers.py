@@ -191,11 +191,23 @@ class Attention(nn.Module):
         if cache is not None:
             latent, k_pe = cache.update(self.layer, latent, k_pe)
 
-        w = dense_weight(self.kv_b_proj, x.dtype).view(Hh, N + cfg.v_head_dim, R)
-        q_lat = torch.einsum("bthn,hnr->bthr", q_nope, w[:, :N])  # absorb the key half of kv_b into q
+        absorb_query, absorb_output = self._absorbed(x.dtype)
+        q_lat = absorb_query(q_nope)  # absorb the key half of kv_b into q
         scores = torch.einsum("bthr,bsr->bths", q_lat, latent) + torch.einsum("bthp,bsp->bths", q_pe, k_pe)
         scores = (scores.float() * cfg.softmax_scale).masked_fill(mask[:, :, None, :], float("-inf"))
         probs = scores.softmax(dim=-1).to(x.dtype)
         o_lat = torch.einsum("bths,bsr->bthr", probs, latent)
-        out = torch.einsum("bthr,hvr->bthv", o_lat, w[:, N:])  # and the value half into the output
+        out = absorb_output(o_lat)  # and the value half into the output
         return self.o_proj(out.reshape(B, T, Hh * cfg.v_head_dim))
+
+    def _absorbed(self, dtype):
+        """kv_b_proj's two per-head products: q_nope [B, T, Hh, N] -> [B, T, Hh, R] and o_lat [B, T, Hh, R] ->
+        [B, T, Hh, V]. The CPU kernels' per-head matrices when the plan keeps kv_b there (blocks.AbsorbedKvB),
+        else einsums over the whole weight."""
+        kv_b, cfg = self.kv_b_proj, self.cfg
+        if hasattr(kv_b, "absorb_query"):
+            return kv_b.absorb_query, kv_b.absorb_output
+        N, R = cfg.qk_nope_head_dim, cfg.kv_lora_rank
+        w = dense_weight(kv_b, dtype).view(cfg.num_attention_heads, N + cfg.v_head_dim, R)
+        return (lambda q_nope: torch.einsum("bthn,hnr->bthr", q_nope, w[:, :N]),
+                lambda o_lat: torch.einsum("bthr,hvr->bthv", o_lat, w[:, N:]))

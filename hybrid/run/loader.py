@@ -4,12 +4,15 @@ Without a plan every tensor goes to one device in one dtype (the plain torch mod
 reference path). With a plan (placement.plan.Plan), per tensor: the first matching rule's device and format;
 routed experts whose kernel is `cpu_moe` become cpu_kernels.MoEExperts (from a converted expert store when
 given, else quantized from the checkpoint at load), wrapped in HybridExperts with any experts the plan puts
-on the GPU; `fp8` projections stay block-FP8 (Fp8Linear). A plan device "cuda:N" falls back to the CPU when
+on the GPU; `fp8` projections stay block-FP8 (Fp8Linear); weight matrices whose kernel is `cpu_linear` become
+BlockLinear modules on the CPU kernels (kv_b_proj: AbsorbedKvB, MLA's per-head products), quantized here or a
+GGUF's blocks as stored. A plan device "cuda:N" falls back to the CPU when
 this machine has no such GPU, so every plan runs here the way it would run there. A plan with `expert_backing:
 disk` needs the store: its memory map lets the page cache hold what fits, where quantizing at load would not.
 The router's weight and correction bias stay float32 whatever the dtype, as the reference keeps them.
 """
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -18,13 +21,13 @@ from hybrid.read.checkpoint import Checkpoint
 from hybrid.read.gguf import GGUFCheckpoint
 from hybrid.read.open import open_checkpoint
 from hybrid.errors import CheckpointError, PlanError
-from hybrid.run.blocks import BlockEmbedding, BlockLinear
+from hybrid.run.blocks import AbsorbedKvB, BlockEmbedding, BlockLinear
 from hybrid.run.experts import HybridExperts
 from hybrid.run.layers import MLP, Fp8Linear, MoE
 from hybrid.run.model import DeepseekV3ForCausalLM
 from placement.hardware import device_here
-from placement.memory import GGUF
-from placement.plan import ATTENTION_TENSOR
+from placement.memory import GGUF, absorbed_shapes, is_kv_b, linear_format
+from placement.plan import ATTENTION_TENSOR, LINEAR_KERNELS, cpu_threads
 
 FP32_ALWAYS = ("mlp.gate.weight", "e_score_correction_bias")
 TORCH_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
@@ -51,10 +54,10 @@ def _check_backing(plan, store, cfg):
 
 
 def compute_dtype(plan, cfg) -> torch.dtype:
-    """fp32 only when the plan keeps the attention in fp32; bf16 otherwise (fp8 computes in bf16). Attention kept
-    in GGUF blocks (cpu_gguf, computed in float32 whatever the activations) follows the final norm's rule."""
+    """fp32 only when the plan keeps the attention in fp32; bf16 otherwise (fp8 computes in bf16). Attention on the
+    CPU kernels (cpu_linear, computed in float32 whatever the activations) follows the final norm's rule."""
     rule = plan.rule_for(ATTENTION_TENSOR)
-    if rule is not None and rule.kernel == "cpu_gguf":
+    if rule is not None and rule.kernel in LINEAR_KERNELS:
         rule = plan.rule_for("model.norm.weight")
     return torch.float32 if rule is not None and rule.format == "fp32" else torch.bfloat16
 
@@ -69,8 +72,9 @@ def load_model(checkpoint, plan=None, store=None, dtype=torch.float32, progress=
     if plan is not None:
         _check_backing(plan, store, cfg)
         dtype = compute_dtype(plan, cfg)
-        _install_cpu_experts(model, ckpt, plan, store, dtype)
-        _install_gguf_blocks(model, ckpt, plan, dtype)
+        worker = kernel_worker(plan)
+        _install_cpu_experts(model, ckpt, plan, store, dtype, worker)
+        _install_cpu_linears(model, ckpt, plan, dtype, worker)
     params = dict(model.named_parameters())
     unknown = set(params) - set(names.expected_tensors(cfg))
     if unknown:  # the model and names.py disagree: a bug here, not in the user's files
@@ -91,7 +95,7 @@ def load_model(checkpoint, plan=None, store=None, dtype=torch.float32, progress=
 
 
 def _checked(ckpt, name, tensor):
-    if tensor.is_floating_point() and not torch.isfinite(tensor.float()).all():
+    if tensor.is_floating_point() and not torch.isfinite(tensor).all():
         raise CheckpointError(f"{ckpt.tensors[name].path}: tensor {name} holds NaN or inf values")
     return tensor
 
@@ -109,13 +113,28 @@ def _install_fp8(model, ckpt, name, device):
     setattr(model.get_submodule(parent_name), leaf, Fp8Linear(w, s, ckpt.config.fp8_block))
 
 
-def _install_cpu_experts(model, ckpt, plan, store, dtype):
+def kernel_worker(plan):
+    """The model's one CPU-kernel worker (None without CPU-kernel rules), shared by its routed experts and its
+    weight matrices on the kernels: cpu_threads(plan) threads. Its calls run while the model's thread goes on
+    only when torch computes on a GPU meanwhile; on a CPU-only plan torch would compute on the same cores, so the
+    two take turns (cpu_kernels/threads.py; hybrid/generation/threads.py gives torch its share)."""
+    from cpu_kernels import KernelThreads
+
+    n_threads = cpu_threads(plan)
+    return KernelThreads(n_threads, overlap=overlaps_torch(plan)) if n_threads else None
+
+
+def overlaps_torch(plan) -> bool:
+    """Whether the CPU kernels compute while torch does (the plan's attention is on a GPU)."""
+    return cache_device(plan).type != "cpu"
+
+
+def _install_cpu_experts(model, ckpt, plan, store, dtype, worker):
     """Replace each MoE layer's TorchExperts by HybridExperts where the plan runs its experts on cpu_moe."""
-    from cpu_kernels import KernelThreads, MoEExperts, parse_format
+    from cpu_kernels import MoEExperts, parse_format
 
     cfg = ckpt.config
     store_layers = _store_layers(store, ckpt) if store is not None else {}
-    workers = {}  # one kernel worker (threads + scratch) per thread count, shared by the layers that run in turn
     for layer in cfg.moe_layers:
         rules = {e: plan.rule_for(names.expert_key(layer, e, "up_proj")) for e in range(cfg.n_routed_experts)}
         cpu_rules = [r for r in rules.values() if r is not None and r.kernel == "cpu_moe"]
@@ -124,8 +143,6 @@ def _install_cpu_experts(model, ckpt, plan, store, dtype):
         if len({r.format for r in cpu_rules}) > 1:
             raise PlanError(f"{plan.source}: layer {layer} puts its CPU experts in several formats; one per layer")
         rule = cpu_rules[0]
-        threads = int(rule.options.get("threads", plan.settings.cpu_threads))
-        worker = workers.setdefault(threads, KernelThreads(threads))
         if rule.format == GGUF:
             cpu = MoEExperts(_gguf_layer(ckpt, layer), threads=worker)
         elif layer in store_layers:
@@ -171,34 +188,73 @@ def _gguf_layer(ckpt, layer):
     return _quantized_layer(ckpt, layer, Format("bf16"))
 
 
-def _install_gguf_blocks(model, ckpt, plan, dtype):
-    """Weight matrices the plan computes from their GGUF blocks (kernel cpu_gguf) become BlockLinear or
-    BlockEmbedding modules over the memory-mapped blocks. One stored as floats, or in a type or shape the kernels
-    do not read, stays an ordinary parameter and is loaded (dequantized) with the rest."""
-    from cpu_kernels import KernelThreads
-    from cpu_kernels.dense import DenseMatrix
-    from cpu_kernels.formats import Format, check_matrix
-
-    worker = None  # its own threads: the shared expert runs while the routed experts' worker is busy
+def _install_cpu_linears(model, ckpt, plan, dtype, worker):
+    """Weight matrices the plan computes on the CPU kernels (kernel cpu_linear, or cpu_gguf, its earlier name)
+    become BlockLinear modules (kv_b_proj: AbsorbedKvB; a GGUF's embedding: BlockEmbedding): a GGUF's over its
+    memory-mapped blocks, others quantized here from the checkpoint. A matrix the kernels cannot take stays an
+    ordinary parameter and is loaded with the rest (_linear_source says which)."""
     for name, _ in list(model.named_parameters()):
         rule = plan.rule_for(name)
-        if rule is None or rule.kernel != "cpu_gguf":
+        if rule is None or rule.kernel not in LINEAR_KERNELS:
             continue
         if name == "model.embed_tokens.weight" and ckpt.config.tie_word_embeddings:
             continue  # the head multiplies by the table itself
-        n_out, n_in = ckpt.tensors[name].shape
-        try:  # a type without kernels (F32, BF16, Q4_0, ...) or kv_b_proj (rebuilt from two tensors): loaded below
+        source = _linear_source(ckpt, name, rule.format)
+        if source is None:
+            continue
+        module_name = name.rpartition(".")[0]
+        parent, _, leaf = module_name.rpartition(".")
+        setattr(model.get_submodule(parent), leaf, _linear_module(ckpt, name, source, dtype, worker))
+
+
+def _linear_source(ckpt, name, fmt_name):
+    """What a cpu_linear matrix is built from, or None to load it as a torch parameter: ("blocks", Format, blocks)
+    for a GGUF type with kernels; ("quantize", formats) to quantize it, kv_b_proj's two per-head halves each in its
+    own format (placement.memory.linear_format: the format's group its inputs divide). None for a GGUF type without
+    kernels (F32, BF16, Q4_0, ...) or a GGUF kv_b_proj rebuilt from two tensors, and for inputs no group divides."""
+    from cpu_kernels.formats import Format, check_matrix, parse_format
+
+    n_out, n_in = ckpt.tensors[name].shape
+    if fmt_name == GGUF:
+        try:
             type_name, blocks = ckpt.blocks(name)
             check_matrix(Format(type_name), n_out, n_in)
         except ValueError:
-            continue
-        if worker is None:
-            worker = KernelThreads(int(rule.options.get("threads", plan.settings.cpu_threads)))
-        matrix = DenseMatrix.from_blocks(Format(type_name), blocks, n_in, worker)
-        module_name = name.rpartition(".")[0]
-        parent, _, leaf = module_name.rpartition(".")
-        block = BlockEmbedding(matrix, dtype) if name == "model.embed_tokens.weight" else BlockLinear(matrix)
-        setattr(model.get_submodule(parent), leaf, block)
+            return None
+        return "blocks", Format(type_name), blocks
+    fmt = parse_format(fmt_name)
+    shapes = absorbed_shapes(ckpt.config) if is_kv_b(name) else ((n_out, n_in),)
+    formats = tuple(linear_format(fmt, shape_in) for _, shape_in in shapes)
+    return None if None in formats else ("quantize", formats)
+
+
+def _linear_module(ckpt, name, source, dtype, worker) -> nn.Module:
+    from cpu_kernels.dense import DenseMatrix, DenseStack
+
+    n_in = ckpt.tensors[name].shape[1]
+    if source[0] == "blocks":
+        matrix = DenseMatrix.from_blocks(source[1], source[2], n_in, worker)
+        return BlockEmbedding(matrix, dtype) if name == "model.embed_tokens.weight" else BlockLinear(matrix)
+    w = _linear_weight(ckpt, name)
+    formats = source[1]
+    if not is_kv_b(name):
+        return BlockLinear(DenseMatrix.quantized(formats[0], w, worker))
+    cfg = ckpt.config
+    N = cfg.qk_nope_head_dim
+    heads = w.reshape(cfg.num_attention_heads, N + cfg.v_head_dim, cfg.kv_lora_rank)
+    key_half = np.ascontiguousarray(heads[:, :N].transpose(0, 2, 1))  # [Hh, R, N]
+    return AbsorbedKvB(DenseStack.quantized(formats[0], key_half, worker),
+                       DenseStack.quantized(formats[1], heads[:, N:], worker))
+
+
+def _linear_weight(ckpt, name) -> np.ndarray:
+    """The weights a cpu_linear matrix is quantized from, as the reference model reads them: bf16 bits (uint16) for
+    bf16 and block-FP8 tensors (Checkpoint.weight dequantizes FP8 per 128x128 block to bf16), else float32."""
+    t = ckpt.weight(name, torch.bfloat16) if ckpt.is_fp8(name) else ckpt.raw(name)
+    _checked(ckpt, name, t)
+    if t.dtype == torch.bfloat16:
+        return t.contiguous().view(torch.int16).numpy().view(np.uint16)
+    return t.float().contiguous().numpy()
 
 
 def _store_layers(store, ckpt) -> dict:

@@ -122,7 +122,7 @@ class DeepseekV3ForCausalLM(nn.Module):
             x = x[:, -1:]
         with self.rec.section("lm_head"):
             x = self.model.norm(x)
-            if isinstance(self.lm_head, BlockLinear):  # a GGUF head kept in its blocks (plan kernel cpu_gguf)
+            if isinstance(self.lm_head, BlockLinear):  # a head on the CPU kernels (plan kernel cpu_linear)
                 return self.lm_head(x).float()
             head = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
             return torch.nn.functional.linear(x, head.to(x.device)).float()
