@@ -211,24 +211,28 @@ def has_amx() -> bool:
 def export_f32(work: Path) -> Path:
     """The tiny checkpoint as a 2-split F32 GGUF (norms, router, bias F32 anyway), with one BPE merge."""
     sys.path.insert(0, str(ROOT / "tests"))
-    from gguf import GGUFValueType
-    from gguf_files import Meta, export_gguf
+    from gguf_files import export_gguf
 
-    from hybrid.read.gguf import byte_alphabet
     from hybrid.read.tiny import TinySpec, make_tiny
 
     spec = TinySpec(layers=3, dense_layers=1, experts=8, top_k=2, moe_width=256, dense_width=256,
                     q_lora_rank=256, fp8=False)
     hf = make_tiny(work / "hf", spec, overwrite=True)
-    alphabet = byte_alphabet()
-
-    def add_merges(meta):
-        # llama.cpp refuses a gpt2 vocabulary without merges, gguf-py an empty array; a byte-level vocabulary has
-        # none, so one harmless pair whose product is no token (llama.cpp then falls back to the two bytes).
-        meta["tokenizer.ggml.merges"] = Meta(GGUFValueType.ARRAY, [f"{alphabet[0]} {alphabet[1]}"],
-                                             GGUFValueType.STRING)
-
     return export_gguf(hf, work / "f32", "F32", n_shards=2, edit_metadata=add_merges)
+
+
+def add_merges(meta: dict):
+    """export_gguf's edit_metadata for make_tiny's byte-level vocabulary: llama.cpp refuses a gpt2 vocabulary
+    without merges, gguf-py an empty array, and a byte-level vocabulary has none, so one harmless pair whose
+    product is no token (llama.cpp then falls back to the two bytes)."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    from gguf import GGUFValueType
+    from gguf_files import Meta
+
+    from hybrid.read.gguf import byte_alphabet
+
+    alphabet = byte_alphabet()
+    meta["tokenizer.ggml.merges"] = Meta(GGUFValueType.ARRAY, [f"{alphabet[0]} {alphabet[1]}"], GGUFValueType.STRING)
 
 
 def run_child(llama_python: str, *args) -> float:

@@ -40,8 +40,10 @@ class Meta(NamedTuple):
     item_type: GGUFValueType | None = None
 
 
-def encode(w: torch.Tensor, type_name: str, rng) -> tuple[np.ndarray, GGMLQuantizationType | None]:
-    """(array for GGUFWriter.add_tensor, raw_dtype): typed arrays for F32/F16, uint8 bytes for the rest."""
+def encode(w: torch.Tensor, type_name: str, rng, quantize=None) -> tuple[np.ndarray, GGMLQuantizationType | None]:
+    """(array for GGUFWriter.add_tensor, raw_dtype): typed arrays for F32/F16, uint8 bytes for the rest.
+    `quantize(float32 rows [n, n_per_row], type name) -> uint8 rows`, when given, quantizes every type but
+    F32/F16/BF16 (a benchmark passes ggml's own, benchmarks/ggml_ref.py's `quantize`)."""
     if type_name == "F32":
         return w.float().contiguous().numpy(), None
     if type_name == "F16":
@@ -49,6 +51,9 @@ def encode(w: torch.Tensor, type_name: str, rng) -> tuple[np.ndarray, GGMLQuanti
     qtype = GGMLQuantizationType[type_name]
     if type_name == "BF16":
         return w.to(torch.bfloat16).contiguous().view(torch.int16).numpy().view(np.uint8), qtype
+    if quantize is not None:
+        rows = quantize(w.float().contiguous().numpy().reshape(-1, w.shape[-1]), type_name)
+        return rows.reshape(*w.shape[:-1], -1), qtype
     try:
         return gguf.quants.quantize(w.float().contiguous().numpy(), qtype), qtype
     except NotImplementedError:  # K and IQ types
@@ -65,7 +70,7 @@ def _type_picker(types) -> Callable[[str], str]:
 
 
 def export_gguf(hf_folder, out_folder, types=None, n_shards: int = 1, mla: str = "split", name: str = "Tiny",
-                edit_metadata=None, edit_tensor=None, seed: int = 0) -> Path:
+                edit_metadata=None, edit_tensor=None, seed: int = 0, quantize=None) -> Path:
     """Write the GGUF model of the checkpoint at `hf_folder` into `out_folder` (NAME.gguf, or NAME-0000k-of-
     0000n.gguf for n_shards > 1) and return out_folder.
 
@@ -74,6 +79,7 @@ def export_gguf(hf_folder, out_folder, types=None, n_shards: int = 1, mla: str =
     mla: "split" (attn_k_b + attn_v_b, files since April 2025) or "kv_b" (attn_kv_b, older files).
     edit_metadata(dict of key -> Meta) may change the metadata; edit_tensor(gguf name, float tensor) may return
     another tensor, or None to leave it out: the tests' ways of writing damaged files.
+    quantize: the quantizer of the non-float types (`encode`), default gguf-py's and random K/IQ blocks.
     """
     ckpt = Checkpoint.open(hf_folder)
     meta = model_metadata(ckpt.config, ckpt.folder, mla, name)
@@ -84,7 +90,8 @@ def export_gguf(hf_folder, out_folder, types=None, n_shards: int = 1, mla: str =
     for gguf_name, w in _gguf_tensors(ckpt, mla):
         if edit_tensor is not None and (w := edit_tensor(gguf_name, w)) is None:
             continue
-        tensors.append((gguf_name, *encode(w, "F32" if ALWAYS_F32.search(gguf_name) else pick(gguf_name), rng)))
+        tensors.append((gguf_name, *encode(w, "F32" if ALWAYS_F32.search(gguf_name) else pick(gguf_name), rng,
+                                               quantize)))
     out = Path(out_folder)
     for writer, chunk in _writers(out, name, n_shards, meta, len(tensors)):
         for gguf_name, array, raw_dtype in (tensors[j] for j in chunk):
