@@ -118,6 +118,9 @@ def test_int8_inputs_match_a_numpy_rounding():
                                atol=1e-6 * np.abs(x).max())
     np.testing.assert_allclose(xd[:, 1], (xq.reshape(5, 8, 32).sum(axis=2) * xd[:, 0]), rtol=1e-6)
     assert np.abs(xq).max() == 127 and not xq[2, 32:64].any()
+    x[4, 40] = np.nan  # bad input must show in the result, not round away
+    quantize_rows(x, xq, xd)
+    assert np.isnan(xd[4, 0, 1]) and np.isfinite(np.delete(xd[:, 0].reshape(-1), 4 * 8 + 1)).all()
 
 
 @pytest.mark.parametrize("name", [n for n, spec in FORMATS.items() if spec.quantized_inputs])

@@ -30,7 +30,9 @@ def quantize_rows(X, Xq, Xd):
             c0 = b * BLOCK
             amax = np.float32(0.0)
             for j in range(BLOCK):
-                amax = max(amax, abs(x[c0 + j]))
+                a = abs(x[c0 + j])
+                if a > amax or a != a:  # a NaN input stays in amax, reaches d and shows in the output
+                    amax = a
             d = amax / np.float32(127.0)
             inv = np.float32(127.0) / amax if amax > 0 else np.float32(0.0)
             total = 0
