@@ -77,6 +77,21 @@ def _x86(builder, name, ret, args):
     return builder.call(fn, args)
 
 
+_F8 = ir.VectorType(ir.FloatType(), 8)
+_FLAGS = ("arcp", "contract", "nsz", "reassoc")
+
+
+def _add_scaled(context, builder, sig, args, offset, part):
+    """y[i + offset : i + offset + 8] += float(part) * ws[same] * factor, for intrinsics (y, i, ..., ws, factor)
+    whose y is their first argument, i the second, ws and factor the last two; part: <8 x i32>."""
+    at = builder.add(args[1], ir.Constant(args[1].type, offset))
+    py = _ptr(context, builder, sig.args[0], args[0], at, _F8)
+    w = builder.load(_ptr(context, builder, sig.args[-2], args[-2], at, _F8), align=4)
+    prod = builder.fmul(builder.fmul(builder.sitofp(part, _F8), w, flags=_FLAGS), _splat(builder, _F8, args[-1]),
+                        flags=_FLAGS)
+    builder.store(builder.fadd(builder.load(py, align=4), prod, flags=_FLAGS), py, align=4)
+
+
 @intrinsic
 def load32(typingctx, arr, i):
     """arr[i : i + 32] of a uint8 or int8 array (unchecked: the caller keeps it in range)."""
@@ -166,16 +181,9 @@ def add_rows_scaled(typingctx, y, i, lo, hi, ws, factor):
         raise TypingError(f"add_rows_scaled takes two Words16 and a float32, got {lo}, {hi}, {factor}")
 
     def codegen(context, builder, sig, args):
-        f8, i32x8 = ir.VectorType(ir.FloatType(), 8), ir.VectorType(_I32, 8)
-        flags = ("arcp", "contract", "nsz", "reassoc")
-        f = _splat(builder, f8, args[5])
         for src, half, offset in ((args[2], 0, 0), (args[3], 0, 8), (args[2], 1, 16), (args[3], 1, 24)):
             part = builder.shuffle_vector(src, src, ir.Constant(ir.VectorType(_I32, 8), list(range(8 * half, 8 * half + 8))))
-            at = builder.add(args[1], ir.Constant(args[1].type, offset))
-            py = _ptr(context, builder, sig.args[0], args[0], at, f8)
-            w = builder.load(_ptr(context, builder, sig.args[4], args[4], at, f8), align=4)
-            prod = builder.fmul(builder.fmul(builder.sitofp(builder.sext(part, i32x8), f8), w, flags=flags), f, flags=flags)
-            builder.store(builder.fadd(builder.load(py, align=4), prod, flags=flags), py, align=4)
+            _add_scaled(context, builder, sig, args, offset, builder.sext(part, ir.VectorType(_I32, 8)))
         return context.get_dummy_value()
 
     return types.none(y, i, words16, words16, ws, factor), codegen
@@ -258,18 +266,11 @@ def add_ints_scaled(typingctx, y, i, lo, hi, ws, factor):
         raise TypingError(f"add_ints_scaled takes two Ints8 and a float32, got {lo}, {hi}, {factor}")
 
     def codegen(context, builder, sig, args):
-        f8 = ir.VectorType(ir.FloatType(), 8)
-        flags = ("arcp", "contract", "nsz", "reassoc")
         order = ir.Constant(ir.VectorType(_I32, 8), [0, 1, 2, 3, 8, 9, 10, 11])
         first = builder.shuffle_vector(args[2], args[3], order)  # rows 0-7
         second = builder.shuffle_vector(args[2], args[3], ir.Constant(ir.VectorType(_I32, 8), [4, 5, 6, 7, 12, 13, 14, 15]))
-        f = _splat(builder, f8, args[5])
         for part, offset in ((first, 0), (second, 8)):
-            at = builder.add(args[1], ir.Constant(args[1].type, offset))
-            py = _ptr(context, builder, sig.args[0], args[0], at, f8)
-            w = builder.load(_ptr(context, builder, sig.args[4], args[4], at, f8), align=4)
-            prod = builder.fmul(builder.fmul(builder.sitofp(part, f8), w, flags=flags), f, flags=flags)
-            builder.store(builder.fadd(builder.load(py, align=4), prod, flags=flags), py, align=4)
+            _add_scaled(context, builder, sig, args, offset, part)
         return context.get_dummy_value()
 
     return types.none(y, i, ints8, ints8, ws, factor), codegen
@@ -301,13 +302,7 @@ def add_rows8_scaled(typingctx, y, i, s, ws, factor):
         raise TypingError(f"add_rows8_scaled takes Ints8 and a float32, got {s}, {factor}")
 
     def codegen(context, builder, sig, args):
-        f8 = ir.VectorType(ir.FloatType(), 8)
-        flags = ("arcp", "contract", "nsz", "reassoc")
-        py = _ptr(context, builder, sig.args[0], args[0], args[1], f8)
-        w = builder.load(_ptr(context, builder, sig.args[3], args[3], args[1], f8), align=4)
-        prod = builder.fmul(builder.fmul(builder.sitofp(args[2], f8), w, flags=flags), _splat(builder, f8, args[4]),
-                            flags=flags)
-        builder.store(builder.fadd(builder.load(py, align=4), prod, flags=flags), py, align=4)
+        _add_scaled(context, builder, sig, args, 0, args[2])
         return context.get_dummy_value()
 
     return types.none(y, i, ints8, ws, factor), codegen
