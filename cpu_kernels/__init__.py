@@ -18,7 +18,7 @@ from .formats import (
     matrix_bytes,
     parse_format,
 )
-from .moe import MoEExperts
+from .moe import SKIP, MoEExperts
 from .quantize import dequantize_matrix, quantize_fp8_matrix, quantize_matrix
 from .store import ExpertStore, LayerStoreWriter, MemoryLayerWriter, build_store, load_store, save_store
 from .threads import KernelThreads, physical_cores
@@ -35,6 +35,7 @@ __all__ = [
     "LayerStoreWriter",
     "MemoryLayerWriter",
     "MoEExperts",
+    "SKIP",
     "bf16_to_f32",
     "build_store",
     "bytes_per_weight",

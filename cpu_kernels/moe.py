@@ -7,7 +7,8 @@ Dimension legend: T tokens, H hidden, I expert width, E experts, K top-k, P = T 
     experts.submit(hidden, ids, weights); ...; out = experts.wait()   # same work, begun on the worker's threads
 
 forward computes, for each token t, sum_k weights[t, k] * down_e(silu(gate_e(x_t)) * up_e(x_t)) with
-e = ids[t, k]. Inputs are validated before any kernel runs; bad input raises ValueError naming the argument.
+e = ids[t, k]; a pair whose id is SKIP (-1) is left out (the caller computes it elsewhere: on the GPU, or as a
+dense GEMM). Inputs are validated before any kernel runs; bad input raises ValueError naming the argument.
 
 Threads and scratch belong to a `KernelThreads` worker. Give all layers of a model the same one
 (`MoEExperts.from_store(path, threads=worker)`): layers run one after another, so they share its threads and
@@ -26,6 +27,8 @@ from .phases import bf16_rows_to_f32, down_phase, gate_up_phase
 from .prefill import BLOCK_TOKENS, sort_by_expert
 from .store import PROJECTIONS, ExpertStore, build_store, load_store
 from .threads import KernelThreads, split_range
+
+SKIP = -1  # the expert id of a (token, expert) pair these kernels leave out
 
 
 def _readonly(a: np.ndarray) -> np.ndarray:
@@ -61,9 +64,15 @@ class MoEExperts:
         self.n_threads = self._threads.n_threads
         nbytes = {k: (a.nbytes + store.scales[k].nbytes) // self.n_experts for k, a in store.values.items()}
         self._pair_bytes = {"gate_up": nbytes["gate_proj"] + nbytes["up_proj"], "down": nbytes["down_proj"]}
+        self.expert_nbytes = sum(nbytes.values())  # one expert's bytes in the store, scales included
         self._pending = None
         self.busy_s = 0.0  # seconds spent computing, summed over calls
         self._lock = threading.Lock()
+
+    @property
+    def threads(self) -> KernelThreads:
+        """The worker whose threads compute this layer's calls (shared with the model's other layers)."""
+        return self._threads
 
     @classmethod
     def from_store(cls, directory, n_threads: int | None = None, mmap: bool = True,
@@ -98,8 +107,9 @@ class MoEExperts:
             raise ValueError(f"weights must be float32, got {weights.dtype}")
         if weights.shape != ids.shape or ids.shape[1] < 1:
             raise ValueError(f"weights {weights.shape} must match ids {ids.shape}, with top-k >= 1")
-        if ids.size and (ids.min() < 0 or ids.max() >= self.n_experts):
-            raise ValueError(f"ids must lie in [0, {self.n_experts}), got range [{ids.min()}, {ids.max()}]")
+        if ids.size and (ids.min() < SKIP or ids.max() >= self.n_experts):
+            raise ValueError(f"ids must lie in [0, {self.n_experts}) or be {SKIP} (skip), got range "
+                             f"[{ids.min()}, {ids.max()}]")
         if out is not None:
             if not isinstance(out, np.ndarray) or out.dtype != np.float32 or out.shape != (n_tokens, self.hidden):
                 got = (getattr(out, "shape", None), getattr(out, "dtype", type(out).__name__))

@@ -17,7 +17,8 @@ BLOCK_TOKENS = 4
 def sort_by_expert(ids, weights, counts, starts, pair_token, pair_weight, used):
     """Counting sort of the pairs (t, k) by expert ids[t, k]; returns the number of distinct experts.
 
-    ids int64 [T, K] (values in [0, E)), weights float32 [T, K]. Outputs, preallocated: counts int64 [E]
+    ids int64 [T, K] (values in [0, E), or -1: a pair computed elsewhere, skipped), weights float32 [T, K].
+    Outputs, preallocated: counts int64 [E]
     (scratch), starts int64 [E + 1] (expert e's pairs are sorted positions starts[e] .. starts[e + 1]),
     pair_token int64 [P] and pair_weight float32 [P] per sorted position, used int64 [E] (experts with
     pairs, ascending, first n_used entries).
@@ -28,7 +29,8 @@ def sort_by_expert(ids, weights, counts, starts, pair_token, pair_weight, used):
         counts[e] = 0
     for t in range(n_tokens):
         for k in range(top_k):
-            counts[ids[t, k]] += 1
+            if ids[t, k] >= 0:
+                counts[ids[t, k]] += 1
     starts[0] = 0
     n_used = 0
     for e in range(n_experts):
@@ -40,6 +42,8 @@ def sort_by_expert(ids, weights, counts, starts, pair_token, pair_weight, used):
     for t in range(n_tokens):
         for k in range(top_k):
             e = ids[t, k]
+            if e < 0:
+                continue
             p = counts[e]
             pair_token[p] = t
             pair_weight[p] = weights[t, k]

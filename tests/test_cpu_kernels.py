@@ -9,7 +9,7 @@ import pytest
 import torch
 from reference import routed_experts_reference
 
-from cpu_kernels import Format, KernelThreads, MoEExperts, dequantize_matrix
+from cpu_kernels import SKIP, Format, KernelThreads, MoEExperts, dequantize_matrix
 from cpu_kernels.formats import MATVEC_ERROR_BOUND
 
 N_EXPERTS = 12
@@ -105,6 +105,20 @@ def test_duplicates_and_unused_experts(layer):
     hidden = np.random.default_rng(3).standard_normal((5, experts.hidden), dtype=np.float32)
     assert rel_err(experts.forward(hidden, ids, weights),
                    reference(hidden, ids, weights, *deq, experts.fmt.spec.quantized_inputs)) < 2e-5
+
+
+def test_skipped_pairs_are_left_out(layer):
+    _, experts, _, deq = layer
+    # A pair with id SKIP is computed elsewhere (GPU experts, the GEMM prefill path): it adds nothing here,
+    # exactly as if its weight were zero; a token whose pairs are all skipped gets zeros.
+    ids = np.array([[3, SKIP], [SKIP, SKIP], [4, 3], [SKIP, 5]], np.int64)
+    weights = np.random.default_rng(4).random(ids.shape, dtype=np.float32)
+    hidden = np.random.default_rng(5).standard_normal((4, experts.hidden), dtype=np.float32)
+    kept = np.where(ids == SKIP, 0.0, weights).astype(np.float32)
+    out = experts.forward(hidden, ids, weights)
+    assert not out[1].any()
+    assert rel_err(out, reference(hidden, np.where(ids == SKIP, 0, ids), kept, *deq,
+                                  experts.fmt.spec.quantized_inputs)) < 2e-5
 
 
 def test_bf16_hidden_matches_its_float_value(layer):
