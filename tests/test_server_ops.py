@@ -103,6 +103,7 @@ def test_metrics_have_help_lines_and_latency_histograms(server, service, client)
     kinds = {name: f.type for name, f in families.items()  # _created: when a histogram began (not ours to list)
              if name.startswith("hybrid_") and not name.endswith("_created")}
     assert kinds == {"hybrid_requests": "counter", "hybrid_prompt_tokens": "counter",
+                     "hybrid_cached_prompt_tokens": "counter", "hybrid_prefilled_prompt_tokens": "counter",
                      "hybrid_generated_tokens": "counter", "hybrid_errors": "counter",
                      "hybrid_decode_tokens_per_second": "gauge", "hybrid_queue_depth": "gauge",
                      "hybrid_active_requests": "gauge", "hybrid_decode_steps": "counter",

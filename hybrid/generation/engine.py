@@ -10,6 +10,9 @@ Failures are sorted by whose they are. A request's own (its prefill, sampling it
 ends that request alone: its sink receives the exception and its slot is freed. Anything else (a batched
 decode forward, a bug in the loop) stops the engine: every waiting and active request receives an EngineError,
 `failure` is set, later submits are refused, and `on_failure(exc)` lets the owner (the server) shut down.
+
+A retired request's slot keeps its tokens (hybrid.generation.prefix_cache): a request whose prompt starts with
+them takes that slot and prefills only the rest; `Request.cached_tokens` says how many were reused.
 """
 
 import queue
@@ -20,6 +23,7 @@ import torch
 
 from hybrid.errors import EngineError, GenerationError
 from hybrid.generation.generate import check_prompt, decode_step, make_step, new_cache, prefill
+from hybrid.generation.prefix_cache import PrefixCache
 from hybrid.generation.sampling import SamplingParams, sample
 from hybrid.generation.streaming import TextStream
 
@@ -34,6 +38,7 @@ class Request:
     cancelled: bool = False
     # filled by the engine
     slot: int | None = None
+    cached_tokens: int = 0  # prompt tokens found in the slot's cache, not prefilled (set before the first Step)
     generated: list = field(default_factory=list)
     text: TextStream | None = None
     generator: torch.Generator | None = None
@@ -51,6 +56,7 @@ class Engine:
         self.model, self.tokenizer, self.max_batch = model, tokenizer, max_batch
         self.max_context, self.prefill_chunk = max_context, prefill_chunk
         self.cache = new_cache(model, max_context, max_batch, device)
+        self.prefixes = PrefixCache(max_batch)  # what each slot holds, for the next request to reuse
         self.waiting: queue.Queue[Request] = queue.Queue()
         self.active: dict[int, Request] = {}
         self.failure: BaseException | None = None  # set once the engine has stopped for good
@@ -124,21 +130,26 @@ class Engine:
             req = self.waiting.get()
             if req.cancelled:
                 continue
-            req.slot = free.pop(0)
-            self.cache.reset(req.slot)
+            req.slot, req.cached_tokens = self.prefixes.choose(free, req.ids)
+            free.remove(req.slot)
+            self.prefixes.take(req.slot, req.cached_tokens)
+            self.cache.truncate(req.slot, req.cached_tokens)
             try:
                 req.generator = req.params.generator()
                 req.text = TextStream(self.tokenizer, req.stop_strings) if self.tokenizer is not None else None
                 req.logits = self._prefill(req)
             except Exception as e:  # a failing request ends alone; the engine goes on
-                free.insert(0, req.slot)
+                self.prefixes.forget(req.slot)  # a forward that stopped part way: trust nothing in the slot
+                self.cache.reset(req.slot)
+                free.append(req.slot)
                 self._deliver(req, e)
                 continue
             self.active[req.slot] = req
             self._emit(req)
 
     def _prefill(self, req: Request) -> torch.Tensor:
-        return prefill(self.model, self.cache, req.ids, self.prefill_chunk, req.slot)
+        """Feed the prompt after its reused prefix; returns the last prompt position's logits."""
+        return prefill(self.model, self.cache, req.ids[req.cached_tokens:], self.prefill_chunk, req.slot)
 
     def _decode_step(self):
         reqs = list(self.active.values())
@@ -175,5 +186,8 @@ class Engine:
             return False
 
     def _retire(self, req: Request):
+        """Free the slot but keep its contents for a later prompt that starts the same way: the cache holds the
+        prompt and the generated tokens fed back so far (not the last one sampled, never fed)."""
         self.active.pop(req.slot, None)
-        self.cache.reset(req.slot)
+        held = self.cache.lengths[req.slot]
+        self.prefixes.release(req.slot, (req.ids + req.generated)[:held])

@@ -65,6 +65,13 @@ class MLACache:
             self.lengths[s] += T
         self._rows = None
 
+    def truncate(self, slot: int, length: int):
+        """Keep the slot's first `length` positions (exact: a position depends only on the ones before it);
+        later ones are overwritten by the next forward."""
+        if not 0 <= length <= self.lengths[slot]:
+            raise ValueError(f"truncate: length {length} is outside 0..{self.lengths[slot]} (slot {slot})")
+        self.lengths[slot] = length
+
     def reset(self, slot: int | None = None):
         if slot is None:
             self.lengths = [0] * len(self.lengths)

@@ -97,7 +97,13 @@ async def messages(body: AnthropicRequest, request: Request):
     content = [{"type": "text", "text": out.content}] if out.content or not out.tool_calls else []
     content += [{"type": "tool_use", "id": c.id, "name": c.name, "input": tool_arguments(c)} for c in out.tool_calls]
     return {**head, "content": content, "stop_reason": _stop_reason(reason, out.tool_calls),
-            "stop_sequence": None, "usage": {"input_tokens": len(ids), "output_tokens": n}}
+            "stop_sequence": None, "usage": {**_input_usage(len(ids), steps.cached_tokens), "output_tokens": n}}
+
+
+def _input_usage(n_prompt: int, cached: int) -> dict:
+    """Anthropic's input counts: input_tokens are the prompt tokens not read from the cache (its three fields
+    add up to the prompt); nothing is ever written to a cache on request, so cache creation is 0."""
+    return {"input_tokens": n_prompt - cached, "cache_creation_input_tokens": 0, "cache_read_input_tokens": cached}
 
 
 def _stop_reason(reason, calls) -> str:
@@ -117,7 +123,8 @@ def _error_event(e: ServeError) -> str:
 
 async def _events(steps, splitter, head, n_prompt, body):
     yield _event("message_start", {"message": {**head, "content": [], "stop_reason": None, "stop_sequence": None,
-                                               "usage": {"input_tokens": n_prompt, "output_tokens": 0}}})
+                                               "usage": {**_input_usage(n_prompt, steps.cached_tokens),
+                                                         "output_tokens": 0}}})
     index, text_open, n, reason = 0, False, 0, "stop"
     async for step in steps:
         n += 1
@@ -142,5 +149,5 @@ async def _events(steps, splitter, head, n_prompt, body):
         yield _event("content_block_stop", {"index": index})
     stop = _stop_reason(reason, splitter.outcome.tool_calls)
     yield _event("message_delta", {"delta": {"stop_reason": stop, "stop_sequence": None},
-                                   "usage": {"output_tokens": n}})
+                                   "usage": {**_input_usage(n_prompt, steps.cached_tokens), "output_tokens": n}})
     yield _event("message_stop", {})

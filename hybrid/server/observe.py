@@ -90,6 +90,10 @@ class _ServiceCollector:
         c, e = self.service.counters, self.service.engine
         yield CounterMetricFamily("hybrid_requests", "Generation requests accepted by the engine.", c.requests)
         yield CounterMetricFamily("hybrid_prompt_tokens", "Prompt tokens of those requests.", c.prompt_tokens)
+        yield CounterMetricFamily("hybrid_cached_prompt_tokens", "Prompt tokens reused from the cache of an earlier "
+                                  "request with the same prefix, not prefilled.", c.cached_prompt_tokens)
+        yield CounterMetricFamily("hybrid_prefilled_prompt_tokens", "Prompt tokens prefilled.",
+                                  c.prefilled_prompt_tokens)
         yield CounterMetricFamily("hybrid_generated_tokens", "Tokens generated for clients.", c.generated_tokens)
         yield CounterMetricFamily("hybrid_errors", "Requests that failed in the server or the engine.", c.errors)
         yield GaugeMetricFamily("hybrid_decode_tokens_per_second", "Tokens generated per second over the last "

@@ -47,8 +47,10 @@ def sampling_of(body) -> dict:
     return {k: getattr(body, k) for k in ("temperature", "top_p", "top_k", "min_p", "seed")}
 
 
-def usage(prompt: int, completion: int) -> dict:
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+def usage(prompt: int, completion: int, cached: int = 0) -> dict:
+    """OpenAI's usage object; cached: prompt tokens reused from an earlier request's cache (counted in prompt)."""
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+            "prompt_tokens_details": {"cached_tokens": cached}}
 
 
 def sse(data) -> str:
@@ -95,7 +97,7 @@ async def chat_completions(body: ChatRequest, request: Request):
         reason = "tool_calls"
     return {**head, "object": "chat.completion", "choices": [{"index": 0, "message": message,
                                                               "finish_reason": reason, "logprobs": None}],
-            "usage": usage(len(ids), n)}
+            "usage": usage(len(ids), n, steps.cached_tokens)}
 
 
 async def _chat_chunks(steps, splitter, head, n_prompt, include_usage):
@@ -116,7 +118,8 @@ async def _chat_chunks(steps, splitter, head, n_prompt, include_usage):
         reason = step.finish_reason or reason
     yield chunk({}, "tool_calls" if calls else reason)
     if include_usage:
-        yield sse({**head, "object": "chat.completion.chunk", "choices": [], "usage": usage(n_prompt, n)})
+        yield sse({**head, "object": "chat.completion.chunk", "choices": [],
+                   "usage": usage(n_prompt, n, steps.cached_tokens)})
     yield "data: [DONE]\n\n"
 
 
@@ -141,7 +144,7 @@ async def completions(body: CompletionRequest, request: Request):
     async for step in steps:
         text, n, reason = text + step.text, n + 1, step.finish_reason or reason
     return {**head, "choices": [{"index": 0, "text": text, "finish_reason": reason, "logprobs": None}],
-            "usage": usage(len(ids), n)}
+            "usage": usage(len(ids), n, steps.cached_tokens)}
 
 
 async def _completion_chunks(steps, head, n_prompt, body):
@@ -151,5 +154,5 @@ async def _completion_chunks(steps, head, n_prompt, body):
         yield sse({**head, "choices": [{"index": 0, "text": step.text, "finish_reason": step.finish_reason,
                                         "logprobs": None}]})
     if body.stream_options and body.stream_options.include_usage:
-        yield sse({**head, "choices": [], "usage": usage(n_prompt, n)})
+        yield sse({**head, "choices": [], "usage": usage(n_prompt, n, steps.cached_tokens)})
     yield "data: [DONE]\n\n"

@@ -58,6 +58,7 @@ class Outcome:
 class Counters:
     def __init__(self):
         self.requests = self.prompt_tokens = self.generated_tokens = 0
+        self.cached_prompt_tokens = self.prefilled_prompt_tokens = 0  # prompt_tokens split by prefix reuse
         self.errors = 0
         self._recent = deque()  # (time, tokens) of recent steps, for tokens/s
 
@@ -160,6 +161,9 @@ class Service:
         except BaseException:
             req.cancel()
             raise
+        # the engine set cached_tokens before it handed out the first step
+        self.counters.cached_prompt_tokens += req.cached_tokens
+        self.counters.prefilled_prompt_tokens += len(ids) - req.cached_tokens
         return run
 
 
@@ -173,6 +177,11 @@ class Run:
         self.step = None  # the next Step to hand out (the first one is fetched by Service.run)
         self.trace = trace_of(http_request)  # for the access log and the latency histograms
         self.asked = time.monotonic()  # when the client was last asked whether it is still there
+
+    @property
+    def cached_tokens(self) -> int:
+        """Prompt tokens reused from the engine's cache rather than prefilled (the usage reports')."""
+        return self.req.cached_tokens
 
     def __aiter__(self):
         return self
