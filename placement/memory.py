@@ -162,16 +162,53 @@ def expert_bytes(cfg: ModelConfig, fmt: str) -> int:
     return sum(tensor_bytes(f"x.mlp.experts.0.{p}.weight", s, fmt) for p, s in shapes)
 
 
+# GPU prefill (settings.gpu_prefill_tokens) streams experts through two slots of this size, on the GPU and pinned in
+# RAM: ~22 K2 int4 experts each, a copy long enough (~20 ms) to run PCIe at full speed, small beside a 24 GB card.
+STAGING_SLOT_BYTES = 1 << 29
+
+
+def staging_bytes(settings) -> int:
+    """GPU memory GPU prefill reserves for its two staging slots (0 when the plan does not stream)."""
+    return 2 * STAGING_SLOT_BYTES if settings.gpu_prefill_tokens else 0
+
+
 def kv_cache_bytes(cfg: ModelConfig, context: int, batch: int = 1, dtype_bytes: int = 2) -> int:
     return (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * cfg.num_hidden_layers * dtype_bytes * context * batch
 
 
+# Keys per attention block in a prefill chunk (hybrid.run.attention_core). A block's fp32 scores are
+# [heads, chunk, KEY_BLOCK]: 0.5 GiB for K2's 64 heads at a 512-token chunk, so a 128K prompt prefills 512 tokens
+# per forward within the workspace share of a 24 GB card (full scores would allow 16), while one block's products
+# (512 queries x 4096 keys x 512 latent) still keep a GPU busy and 128K takes only 32 iterations of Python.
+KEY_BLOCK = 4096
+# A forward of fewer queries per row (decode: one) takes proportionally more keys per block, up to
+# BLOCK_QUERIES x KEY_BLOCK scores per row and head: decode at 128K then reads the cache as one block, one
+# kernel per product, instead of 32 Python-level iterations per layer (61 layers: ~20k kernel launches a token).
+BLOCK_QUERIES = 64
+# A chunk of more queries than this (GPU prefill wants chunks of 1-8K tokens: the experts' copy over PCIe is paid
+# once per chunk) takes proportionally fewer keys per block, down to MIN_KEY_BLOCK, so its scores stay the size
+# of a 512-token chunk's and the chunk is bounded by the rest of the workspace instead.
+FULL_BLOCK_QUERIES = 512
+MIN_KEY_BLOCK = 512
+
+
+def key_block(n_queries: int) -> int:
+    """Keys per attention block for n_queries new tokens per row; the runtime and the workspace bound both ask."""
+    if n_queries > FULL_BLOCK_QUERIES:
+        return max(MIN_KEY_BLOCK, KEY_BLOCK * FULL_BLOCK_QUERIES // n_queries)
+    return KEY_BLOCK * max(1, BLOCK_QUERIES // max(n_queries, 1))
+
+
 def workspace_bytes(cfg: ModelConfig, context: int, chunk: int, batch: int = 1) -> int:
-    """Peak activations of one prefill chunk: fp32 attention scores [heads, chunk, context] (and their softmax),
-    plus a dozen [chunk, max(width)] bf16 buffers and the fp32 logits of one token."""
-    scores = 2 * 4 * cfg.num_attention_heads * chunk * context * batch
-    width = max(cfg.hidden_size, cfg.intermediate_size, cfg.num_attention_heads * cfg.qk_head_dim)
-    return scores + 12 * 2 * chunk * width * batch + 4 * cfg.vocab_size * batch
+    """Peak activations of one prefill chunk: the fp32 attention scores of one key block [heads, chunk, block]
+    (twice: the bf16 products before their fp32 cast and the cast take as much again) and the online softmax's
+    fp32 accumulators [chunk, heads, kv_lora_rank] (the running output and one block's share of it); plus a
+    dozen [chunk, max(width)] bf16 buffers and the fp32 logits of one token."""
+    Hh = cfg.num_attention_heads
+    scores = 2 * 4 * Hh * chunk * min(context, key_block(chunk)) * batch
+    accumulators = 2 * 4 * Hh * cfg.kv_lora_rank * chunk * batch
+    width = max(cfg.hidden_size, cfg.intermediate_size, Hh * cfg.qk_head_dim)
+    return scores + accumulators + 12 * 2 * chunk * width * batch + 4 * cfg.vocab_size * batch
 
 
 def largest_chunk(cfg: ModelConfig, context: int, budget_bytes: int, batch: int = 1) -> int:

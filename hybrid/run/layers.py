@@ -10,6 +10,7 @@ from torch import nn
 
 from hybrid.read import fp8
 from hybrid.read.config import ModelConfig
+from hybrid.run.attention_core import attend
 from hybrid.run.rope import apply_rope
 from hybrid.run.timing import NULL_RECORDER
 
@@ -162,6 +163,8 @@ class MoE(nn.Module):
 class Attention(nn.Module):
     """Multi-head latent attention in the weight-absorbed form, over the compressed cache."""
 
+    key_block = None  # keys per attention block; None: placement.memory.key_block (tests set a small one)
+
     def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
         self.cfg, self.layer = cfg, layer
@@ -177,8 +180,9 @@ class Attention(nn.Module):
         self.kv_b_proj = nn.Linear(R, Hh * (cfg.qk_nope_head_dim + cfg.v_head_dim), bias=False)
         self.o_proj = nn.Linear(Hh * cfg.v_head_dim, H, bias=False)
 
-    def forward(self, x, cos, sin, mask, cache=None):
-        """x [B, T, H]; cos/sin [B, T, P/2]; mask [B, T, S] bool (True = hidden) -> [B, T, H]."""
+    def forward(self, x, cos, sin, positions, cache=None):
+        """x [B, T, H]; cos/sin [B, T, P/2]; positions [B, T] int64 (a token sees keys up to its own position)
+        -> [B, T, H]."""
         cfg = self.cfg
         B, T, _ = x.shape
         Hh, N, R = cfg.num_attention_heads, cfg.qk_nope_head_dim, cfg.kv_lora_rank
@@ -193,10 +197,7 @@ class Attention(nn.Module):
 
         absorb_query, absorb_output = self._absorbed(x.dtype)
         q_lat = absorb_query(q_nope)  # absorb the key half of kv_b into q
-        scores = torch.einsum("bthr,bsr->bths", q_lat, latent) + torch.einsum("bthp,bsp->bths", q_pe, k_pe)
-        scores = (scores.float() * cfg.softmax_scale).masked_fill(mask[:, :, None, :], float("-inf"))
-        probs = scores.softmax(dim=-1).to(x.dtype)
-        o_lat = torch.einsum("bths,bsr->bthr", probs, latent)
+        o_lat = attend(q_lat, q_pe, latent, k_pe, positions, cfg.softmax_scale, self.key_block)
         out = absorb_output(o_lat)  # and the value half into the output
         return self.o_proj(out.reshape(B, T, Hh * cfg.v_head_dim))
 

@@ -30,9 +30,9 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, x, cos, sin, mask, cache):
+    def forward(self, x, cos, sin, positions, cache):
         with self.rec.section("attention", self.layer):
-            x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
+            x = x + self.self_attn(self.input_layernorm(x), cos, sin, positions, cache)
         if isinstance(self.mlp, MoE):
             return x + self.mlp(self.post_attention_layernorm(x))  # MoE marks its own parts
         with self.rec.section("dense_mlp", self.layer):
@@ -109,10 +109,8 @@ class DeepseekV3ForCausalLM(nn.Module):
         positions = starts[:, None] + torch.arange(T, device=main)[None, :]  # [B, T]
         cos, sin = self.rope.cos_sin(positions.flatten(), x.dtype)
         cos, sin = cos.view(B, T, -1), sin.view(B, T, -1)
-        end = int(starts.max()) + T
-        mask = torch.arange(end, device=main)[None, None, :] > positions[:, :, None]  # [B, T, S] causal
-        for layer in self.model.layers:
-            x = layer(x, cos, sin, mask, cache)
+        for layer in self.model.layers:  # causal from positions: no [B, T, S] mask is built
+            x = layer(x, cos, sin, positions, cache)
         late = self.deferred.take() if self.deferred is not None else None
         if late is not None:  # the last MoE layer's deferred experts
             x = x + late.view_as(x).to(x.dtype)
