@@ -65,6 +65,9 @@ class Settings:
     expert_backing: str = "ram"  # disk: routed experts beyond RAM stay memory-mapped from the expert store
     defer_experts: int = 0  # each token's weakest routed experts computed one layer late (0: off)
     expert_store: str | None = None  # the converted expert store (hybrid convert) the runtime loads experts from
+    # prefill chunks of at least this many tokens stream each MoE layer's routed experts to the GPU and compute
+    # them there (hybrid/run/expert_streaming.py; the planner sets it from PCIe and CPU speed); 0: never
+    gpu_prefill_tokens: int = 0
 
 
 @dataclass(frozen=True)
@@ -261,6 +264,8 @@ def place_all(plan: Plan, cfg: ModelConfig) -> Budget:
     dev["workspace"] = memory.workspace_bytes(cfg, s.context_length, s.prefill_chunk, s.batch)
     if main != "cpu":
         dev["cuda_context"] = memory.CUDA_CONTEXT_BYTES
+        if s.gpu_prefill_tokens:  # GPU prefill's two slots, on the GPU and pinned in RAM
+            dev["staging"] = by_device.setdefault("cpu", {})["staging"] = memory.staging_bytes(s)
     return Budget(by_device, experts, linears, block_weights)
 
 

@@ -19,6 +19,9 @@
       expert_backing: ram               # ram, or disk: experts beyond RAM stay memory-mapped from the
                                         # expert store (needs --store; quantizing at load holds them in RAM)
       defer_experts: 0                  # each token's N weakest routed experts join one layer late (0: off)
+      gpu_prefill_tokens: 1024          # prefill chunks of this many tokens or more stream each MoE layer's
+                                        # experts to the GPU and compute them there (0: off; planned from PCIe
+                                        # and CPU speed, with its staging memory reserved)
       expert_store: /fast-disk/k2-int4  # optional: the store from hybrid convert (relative: to this file);
                                         # generate/chat/serve/profile then need no --store
     rules:                              # first match wins; regex over checkpoint tensor names
@@ -63,6 +66,7 @@ from placement.planner import evaluate
 
 RULE_KEYS = {"match", "device", "format", "kernel", "options"}
 SETTING_TYPES = {f.name: f.type for f in fields(Settings)}
+ZERO_MEANS_OFF = ("defer_experts", "gpu_prefill_tokens")  # the integer settings where 0 is allowed: off
 ARCHITECTURE_KEYS = tuple(f.name for f in fields(Architecture))
 # setting -> why it is gone; plan files written before still hold these keys
 # key -> (the value that asked for nothing: still accepted, so plan files written before stay valid; why)
@@ -170,8 +174,8 @@ def _settings(node, path) -> Settings:
                 raise PlanError(f"{at}: expert_backing must be one of {', '.join(BACKINGS)}, got {v!r}")
             if key == "cache_device" and not is_device(v):
                 raise PlanError(f"{at}: unknown cache_device {v!r} (cpu or cuda:N)")
-        elif isinstance(v, bool) or not isinstance(v, int) or v < (0 if key == "defer_experts" else 1):
-            raise PlanError(f"{at}: {key} must be a {'non-negative' if key == 'defer_experts' else 'positive'} "
+        elif isinstance(v, bool) or not isinstance(v, int) or v < (0 if key in ZERO_MEANS_OFF else 1):
+            raise PlanError(f"{at}: {key} must be a {'non-negative' if key in ZERO_MEANS_OFF else 'positive'} "
                             f"integer, got {v!r}")
         values[key] = v
     return Settings(**values)

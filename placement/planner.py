@@ -18,7 +18,7 @@ from hybrid.read.config import ModelConfig, load_config
 from placement import memory, presets
 from placement.hardware import Hardware, device_here
 from placement.plan import Architecture, Budget, Plan, Rule, Settings, check_model, cpu_threads, place_all
-from placement.projection import NUMA_UNSPLIT_FACTOR, Projection, Traffic, project
+from placement.projection import NUMA_UNSPLIT_FACTOR, Projection, Traffic, gpu_prefill_threshold, project
 
 GIB = memory.GIB
 EXPERTS_RE = r"\.mlp\.experts\."
@@ -41,6 +41,7 @@ GPU_EXPERT_FORMAT = "bf16"
 # per core across the types (AMD EPYC Zen 3, AVX2, 2.45 GHz; docs/performance.md). 6e9 is their middle.
 GGUF_WEIGHTS_PER_CORE_S = 6e9
 WORKSPACE_SHARE = 0.08  # of GPU memory the prefill workspace may take (it sets the prefill chunk)
+MAX_STREAM_CHUNK = 8192  # GPU prefill's chunk grows to its threshold up to this (past it PCIe never pays off)
 MIN_RAM_EXPERT_SHARE = 0.05  # disk-backed experts need at least this share of them resident to be usable
 DEFAULT_CONTEXT = 32768
 
@@ -133,7 +134,7 @@ def make_plan(cfg: ModelConfig, model: str, hw: Hardware, req: PlanRequest = Pla
         capacity = {}
     else:
         cap = int(hw.gpu.memory_gib * GIB)
-        plan, need, weight_format = _gpu_base(cfg, model, settings, cap)
+        plan, need, weight_format, prefill_why = _gpu_base(cfg, model, settings, cap, hw)
         if need > cap:
             raise PlanError(_gpu_refusal(cfg, model, hw, req, plan, cap))
         chunk = plan.settings.prefill_chunk
@@ -146,6 +147,7 @@ def make_plan(cfg: ModelConfig, model: str, hw: Hardware, req: PlanRequest = Pla
                           "GGUF blocks (all in bf16 would not fit)")
                        + "; embedding lookups on the CPU (one row per token)")
         reasons.append(f"prefill chunk {chunk}: the attention workspace stays under {WORKSPACE_SHARE:.0%} of the GPU")
+        reasons.append(prefill_why)
         reasons.append(why)
         capacity = {main: cap}
     budget = place_all(plan, cfg)
@@ -250,18 +252,45 @@ def _gib(n: float) -> str:
     return f"{n / GIB:.1f}"
 
 
-def _gpu_base(cfg, model, settings: Settings, cap: int):
+def _gpu_base(cfg, model, settings: Settings, cap: int, hw: Hardware):
     """The GPU-side base plan at this context, on settings.cache_device: prefill chunk sized to the workspace
-    share, bf16 weights if they fit, else the checkpoint's block-FP8. -> (plan, bytes needed there, weight format)."""
+    share, GPU prefill when it pays (_gpu_prefill), bf16 weights if they fit, else the checkpoint's block-FP8.
+    -> (plan, bytes needed there, weight format, GPU prefill's reason)."""
     chunk = memory.largest_chunk(cfg, settings.context_length, int(WORKSPACE_SHARE * cap), settings.batch)
-    settings = replace(settings, prefill_chunk=chunk)
+    settings, why = _gpu_prefill(cfg, hw, replace(settings, prefill_chunk=chunk), cap)
     fallbacks = ("bf16", "fp8") if cfg.fp8_block else ("bf16", memory.GGUF) if cfg.gguf else ("bf16",)
-    for weight_format in fallbacks:
-        plan = _base_plan(model, settings, settings.cache_device, settings.expert_format, weight_format, cfg)
-        need = place_all(plan, cfg).total(settings.cache_device)
-        if need <= cap:
+    for streaming in ((settings, why), (replace(settings, gpu_prefill_tokens=0, prefill_chunk=chunk),
+                                        "GPU prefill off: its staging memory would not fit beside the rest")):
+        for weight_format in fallbacks:
+            plan = _base_plan(model, streaming[0], streaming[0].cache_device, settings.expert_format, weight_format, cfg)
+            need = place_all(plan, cfg).total(settings.cache_device)
+            if need <= cap:
+                return plan, need, weight_format, streaming[1]
+        if not settings.gpu_prefill_tokens:
             break
-    return plan, need, weight_format
+    return plan, need, weight_format, why
+
+
+def _gpu_prefill(cfg, hw: Hardware, settings: Settings, cap: int) -> tuple[Settings, str]:
+    """GPU prefill (hybrid/run/expert_streaming.py) from the chunk size where streaming a layer's experts over PCIe
+    beats the CPU computing them, when the workspace share allows a chunk that large; the prefill chunk then grows
+    to the largest the share allows (a power of two, up to MAX_STREAM_CHUNK). -> (settings, the reason in one
+    line)."""
+    if settings.expert_format == memory.GGUF:
+        return settings, "GPU prefill off: a GGUF's expert blocks are computed on the CPU only"
+    probe = Traffic(0, 0, 0, memory.expert_bytes(cfg, settings.expert_format), 0.0)
+    tokens = gpu_prefill_threshold(cfg, hw, probe)
+    chunk = settings.prefill_chunk
+    # The copy is paid once per chunk, so a streaming plan takes the largest chunk the workspace share allows.
+    while chunk < MAX_STREAM_CHUNK and memory.workspace_bytes(
+            cfg, settings.context_length, 2 * chunk, settings.batch) <= WORKSPACE_SHARE * cap:
+        chunk *= 2
+    how = (f"streaming a MoE layer's experts ({_gib(cfg.n_routed_experts * probe.expert_bytes)} GiB) at "
+           f"{hw.gpu.pcie_gbps:g} GB/s beats {hw.cpu_flops / 1e9:.0f} CPU GFLOP/s from {tokens}-token chunks")
+    if chunk < tokens:
+        return settings, f"GPU prefill off: {how}, and the workspace allows {chunk}"
+    return (replace(settings, gpu_prefill_tokens=tokens, prefill_chunk=chunk),
+            f"GPU prefill: {how}; prefill chunk {chunk}, {_gib(2 * memory.STAGING_SLOT_BYTES)} GiB of staging reserved")
 
 
 def _linear_format(cfg, model, req: PlanRequest) -> str:
@@ -374,16 +403,17 @@ def traffic_of(cfg, plan: Plan, budget: Budget, gpu_share: float, hit_rate: floa
     # non-expert weights on the CPU: all of them without a GPU; with one, a GGUF's head and shared experts kept in
     # their blocks. Of them, what the CPU kernels compute (cpu_linear) streams at their rate, not torch's.
     cpu_dev = budget.by_device.get("cpu", {})
-    on_cpu = sum(v for g, v in cpu_dev.items() if g not in ("routed_experts", "kv_cache", "workspace", "embed"))
+    on_cpu = sum(v for g, v in cpu_dev.items() if g not in ("routed_experts", "kv_cache", "workspace", "embed",
+                                                            "staging"))
     expert_bytes = memory.expert_bytes(cfg, plan.settings.expert_format)
     linears = {"cpu_linear_bytes": budget.linear_bytes, "cpu_linear_block_weights": budget.linear_block_weights}
     if gpu is None:
         return Traffic(0, 0, on_cpu, expert_bytes, 0.0, hit_rate, 0, dense_active, kernel_rate(plan), **linears)
     dev = budget.by_device.get(gpu, {})
     weights = sum(v for g, v in dev.items() if g not in ("routed_experts", "kv_cache", "workspace", "cuda_context",
-                                                         "embed"))
+                                                         "embed", "staging"))
     return Traffic(weights, dev.get("shared_experts", 0), on_cpu, expert_bytes, gpu_share, hit_rate, dense_active, 0,
-                   kernel_rate(plan), **linears)
+                   kernel_rate(plan), **linears, gpu_prefill_tokens=plan.settings.gpu_prefill_tokens)
 
 
 def kernel_rate(plan: Plan) -> float:
@@ -409,7 +439,7 @@ def _gpu_refusal(cfg, model, hw, req, plan: Plan, cap: int) -> str:
     lo, hi = 0, ctx
     while hi - lo > 1024:  # the longest context that fits, to 1K tokens
         mid = (lo + hi) // 2
-        fits = _gpu_base(cfg, model, replace(plan.settings, context_length=mid), cap)[1] <= cap
+        fits = _gpu_base(cfg, model, replace(plan.settings, context_length=mid), cap, hw)[1] <= cap
         lo, hi = (mid, hi) if fits else (lo, mid)
     fit = _try(cfg, model, hw, replace(req, context_length=lo)) if lo >= 1024 else None
     if fit is not None:

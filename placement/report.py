@@ -38,6 +38,9 @@ def plan_table(result: PlanResult) -> Group:
     summary = Text.assemble(
         ("projected: ", "bold"), f"decode {p.decode_tps:.1f} tok/s, prefill {p.prefill_tps:.1f} tok/s ",
         f"(context {s.context_length}, batch {s.batch}, prefill chunk {s.prefill_chunk}; bound by {p.bound})\n",
+        *((("prefill of one prompt: ", "bold"), ", ".join(f"{n // 1024}K tokens {tps:.1f} tok/s"
+                                                         for n, tps in p.prompt_prefill_tps.items()), "\n")
+          if p.prompt_prefill_tps else ()),
         ("decode ms/token: ", "bold"), ", ".join(f"{k} {v:.2f}" for k, v in p.decode_ms.items()), "\n",
         ("why:\n", "bold"), "\n".join(f"  - {r}" for r in result.reasons))
     return Group(table, rules, summary)
@@ -55,7 +58,8 @@ def plan_dict(result: PlanResult) -> dict:
         "rules": [{"match": r.match, "device": r.device, "format": r.format, "kernel": r.kernel}
                   for r in result.plan.rules],
         "projection": {"decode_tokens_per_s": p.decode_tps, "prefill_tokens_per_s": p.prefill_tps,
-                       "decode_ms": p.decode_ms, "prefill_ms": p.prefill_ms, "bound": p.bound},
+                       "decode_ms": p.decode_ms, "prefill_ms": p.prefill_ms, "bound": p.bound,
+                       "prompt_prefill_tokens_per_s": {str(n): tps for n, tps in p.prompt_prefill_tps.items()}},
         "hardware": hardware_to_dict(result.hardware),
         "reasons": list(result.reasons),
     }

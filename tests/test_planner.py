@@ -229,3 +229,38 @@ def test_plan_takes_a_hub_id_from_the_cache_reading_only_its_config(tmp_path):
     assert json.loads(r.stdout)["model"] == "moonshotai/Kimi-K2-Instruct-0905"
     r = subprocess.run([hybrid, "plan", "nobody/nothing"], capture_output=True, text=True, timeout=120, env=env)
     assert r.returncode == 2 and "not in the Hugging Face cache" in r.stderr
+
+
+# --- GPU prefill: experts streamed to the GPU for long prefill chunks
+
+def test_gpu_prefill_threshold_is_where_the_copy_beats_the_cpu():
+    machine = hw()
+    plan = make_plan(K2, "k2", machine, PlanRequest(context_length=131072)).plan
+    s = plan.settings
+    # by hand: one MoE layer's int4 experts over PCIe against the CPU's FLOPs for C tokens (and reading the experts
+    # from RAM, which the CPU path does and the copy replaces)
+    layer_bytes = K2.n_routed_experts * memory.expert_bytes(K2, "int4")
+    copy_s = layer_bytes / (machine.gpu.pcie_gbps * 1e9)
+    read_s = layer_bytes / (machine.ram_bandwidth_gbps * 1e9 * machine.cpu_kernel_efficiency)
+    per_token_s = K2.num_experts_per_tok * 6 * K2.hidden_size * K2.moe_intermediate_size / machine.cpu_flops
+    assert s.gpu_prefill_tokens - 64 < (copy_s - read_s) / per_token_s <= s.gpu_prefill_tokens
+    assert s.prefill_chunk >= s.gpu_prefill_tokens  # a chunk that reaches it, or the setting would do nothing
+    budget = make_plan(K2, "k2", machine, PlanRequest(context_length=131072)).budget
+    assert budget.by_device["cuda:0"]["staging"] == budget.by_device["cpu"]["staging"] == 2 * memory.STAGING_SLOT_BYTES
+
+
+def test_gpu_prefill_projects_faster_prompts_than_the_cpu():
+    result = make_plan(K2, "k2", hw(), PlanRequest(context_length=131072))
+    streamed = result.projection.prompt_prefill_tps
+    assert sorted(streamed) == [2048, 8192, 32768]
+    plan = result.plan
+    off = replace(plan, settings=replace(plan.settings, gpu_prefill_tokens=0))
+    on_cpu = evaluate(off, K2, hw()).projection.prompt_prefill_tps
+    assert all(streamed[n] > 2 * on_cpu[n] for n in streamed)
+    assert "staging" not in evaluate(off, K2, hw()).budget.by_device["cuda:0"]
+
+
+def test_gpu_prefill_is_off_without_a_gpu_and_for_short_contexts_lists_only_fitting_prompts():
+    cpu_only = make_plan(K2, "k2", hw(gpu="none"), PlanRequest(context_length=8192))
+    assert cpu_only.plan.settings.gpu_prefill_tokens == 0
+    assert sorted(cpu_only.projection.prompt_prefill_tps) == [2048, 8192]

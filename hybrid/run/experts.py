@@ -10,6 +10,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from cpu_kernels import SKIP
 from hybrid.run.timing import NULL_RECORDER
 
 from hybrid.run.layers import MLP
@@ -72,8 +73,10 @@ class HybridExperts(nn.Module):
     """One layer's routed experts split by the plan: most on the CPU kernels (`cpu`, a cpu_kernels.MoEExperts
     holding every expert of the layer), some optionally as torch modules on the GPU (`experts.{e}`).
 
-    A (token, expert) pair whose expert lives on the GPU is sent to the CPU kernel with weight 0 and the id of
-    an expert that token already uses there, so the kernel streams nothing extra for it.
+    A (token, expert) pair whose expert lives on the GPU goes to the CPU kernel with the id SKIP, which leaves it
+    out. In a long prefill chunk two other paths may take pairs the same way: `gemm` (hybrid/run/expert_gemm.py:
+    experts with many tokens as dense GEMMs in CPU torch) and `streamer` (hybrid/run/expert_streaming.py: the
+    whole layer's experts streamed to the GPU and computed there).
     """
 
     rec = NULL_RECORDER
@@ -86,24 +89,34 @@ class HybridExperts(nn.Module):
             self.add_module(str(e), module)  # named like the checkpoint: experts.{e}.gate_proj.weight
             on_gpu[e] = True
         self.on_gpu = on_gpu
-        self.filler = int((~on_gpu).nonzero()[0]) if (~on_gpu).any() else 0
+        self.gemm = None  # an ExpertGemm when the loader measured that dense GEMMs pay off here
+        self.streamer, self.layer = None, None  # an ExpertStreamer and this layer's number, when the plan streams
         self.host = HostCopy()
-        self._gpu_out = None
+        self._gpu_out = self._gemm_work = self._streamed = None
         self._like = None
 
     def submit(self, hidden: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor):
+        self._like = hidden
+        if self.streamer is not None and self.streamer.takes(hidden.shape[0]):
+            gpu_pairs = self.on_gpu.to(ids.device)[ids]
+            streamed = self.streamer.compute(self.layer, hidden, torch.where(gpu_pairs, SKIP, ids), weights)
+            if gpu_pairs.any():
+                streamed = streamed + self._run_gpu(hidden, ids, weights, gpu_pairs)
+            self._streamed = streamed
+            return
         ids_c, w_c = ids.to("cpu", torch.int64), weights.to("cpu", torch.float32)
         gpu_pairs = self.on_gpu[ids_c]
-        self._like = hidden
         self._gpu_out = None
         if gpu_pairs.any():
             self._gpu_out = self._run_gpu(hidden, ids, weights, gpu_pairs.to(ids.device))
-            some_cpu = torch.where(gpu_pairs, -1, ids_c).amax(dim=1, keepdim=True)  # an expert the token uses here
-            some_cpu = torch.where(some_cpu < 0, self.filler, some_cpu).expand_as(ids_c)
-            ids_c = torch.where(gpu_pairs, some_cpu, ids_c)
-            w_c = torch.where(gpu_pairs, 0.0, w_c)
+            ids_c = torch.where(gpu_pairs, SKIP, ids_c)
         with self.rec.section("transfers"):
             self._x = self.host.to_host(hidden)
+        if self.gemm is not None:
+            gemm_pairs = self.gemm.pairs(ids_c)
+            if gemm_pairs.any():  # computed in wait(), by torch on the cores the kernels take turns with
+                self._gemm_work = (ids_c, w_c, gemm_pairs)
+                ids_c = torch.where(gemm_pairs, SKIP, ids_c)
         self._ids, self._w = ids_c.contiguous().numpy(), w_c.contiguous().numpy()
         self.cpu.submit(self._x, self._ids, self._w)
 
@@ -117,7 +130,16 @@ class HybridExperts(nn.Module):
         return out
 
     def wait(self) -> torch.Tensor:
+        if self._streamed is not None:
+            out, self._streamed = self._streamed, None
+            return out
+        gemm_out = None
+        if self._gemm_work is not None:
+            gemm_out = self.gemm.run(torch.from_numpy(self._x), *self._gemm_work)
+            self._gemm_work = None
         result = self.cpu.wait()
+        if gemm_out is not None:
+            result += gemm_out.numpy()
         with self.rec.section("transfers"):
             out = self.host.to_device(result, self._like)
         if self._gpu_out is not None:

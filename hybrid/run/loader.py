@@ -26,10 +26,13 @@ from hybrid.run.experts import HybridExperts
 from hybrid.run.layers import MLP, Fp8Linear, MoE
 from hybrid.run.model import DeepseekV3ForCausalLM
 from placement.hardware import device_here
-from placement.memory import GGUF, absorbed_shapes, is_kv_b, linear_format
+from placement.memory import GGUF, STAGING_SLOT_BYTES, absorbed_shapes, is_kv_b, linear_format
 from placement.plan import ATTENTION_TENSOR, LINEAR_KERNELS, cpu_threads
 
 FP32_ALWAYS = ("mlp.gate.weight", "e_score_correction_bias")
+# Experts smaller than this (test checkpoints) skip the GEMM crossover measurement: per-call overheads, not the
+# arithmetic, decide there, and a model that small prefills in milliseconds either way.
+GEMM_MEASURE_MIN_BYTES = 1 << 20
 TORCH_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
 
@@ -74,6 +77,7 @@ def load_model(checkpoint, plan=None, store=None, dtype=torch.float32, progress=
         dtype = compute_dtype(plan, cfg)
         worker = kernel_worker(plan)
         _install_cpu_experts(model, ckpt, plan, store, dtype, worker)
+        _install_prefill_paths(model, plan)
         _install_cpu_linears(model, ckpt, plan, dtype, worker)
     params = dict(model.named_parameters())
     unknown = set(params) - set(names.expected_tensors(cfg))
@@ -157,6 +161,35 @@ def _install_cpu_experts(model, ckpt, plan, store, dtype, worker):
                    for e, r in rules.items() if r is not None and r.kernel != "cpu_moe"}
         moe: MoE = model.model.layers[layer].mlp
         moe.experts = HybridExperts(cpu, cfg.n_routed_experts, gpu)
+
+
+def _install_prefill_paths(model, plan):
+    """The CPU experts' paths for long prefill chunks: streaming to the GPU from the plan's gpu_prefill_tokens, and
+    dense GEMMs in CPU torch from the token count this machine's measurement says they win at (none: off)."""
+    from hybrid.run.expert_gemm import DenseScratch, ExpertGemm, measure_crossover
+    from hybrid.run.expert_streaming import ExpertStreamer, group_size
+
+    layers = {i: layer.mlp.experts for i, layer in enumerate(model.model.layers)
+              if isinstance(getattr(layer.mlp, "experts", None), HybridExperts)}
+    if not layers:
+        return
+    first = next(iter(layers.values())).cpu
+    if plan.settings.gpu_prefill_tokens:
+        stores = {i: experts.cpu.store for i, experts in layers.items()}
+        try:
+            streamer = ExpertStreamer(stores, cache_device(plan), plan.settings.gpu_prefill_tokens,
+                                      group_size(first.store, STAGING_SLOT_BYTES))
+        except ValueError as e:
+            raise PlanError(f"{plan.source}: gpu_prefill_tokens {plan.settings.gpu_prefill_tokens}: {e}") from None
+        for i, experts in layers.items():
+            experts.streamer, experts.layer = streamer, i
+    if first.expert_nbytes < GEMM_MEASURE_MIN_BYTES:
+        return
+    scratch = DenseScratch()
+    min_tokens = measure_crossover(first, scratch)
+    if min_tokens is not None:
+        for experts in layers.values():
+            experts.gemm = ExpertGemm(experts.cpu, min_tokens, scratch)
 
 
 def _quantized_layer(ckpt, layer, fmt):
