@@ -7,7 +7,8 @@ import torch
 
 from hybrid.generation.generate import Stats, generate, new_cache
 from hybrid.generation.sampling import SamplingParams
-from hybrid.run.attention_core import attend
+from hybrid.run.attention_core import UPCAST_QUERIES, attend
+from hybrid.run.expert_gemm import gemm_dtype
 from hybrid.run.loader import load_model
 from placement import memory, presets
 from placement.hardware import describe
@@ -74,6 +75,15 @@ def test_blocks_past_every_rows_end_are_never_read():
     got = attend(q_lat, q_pe, latent, k_pe, positions, 0.3, block=BLOCK)
     assert torch.isfinite(got).all()
     assert rel_err(got, reference(q_lat, q_pe, latent, k_pe, positions, 0.3)) < 1e-5
+
+
+def test_a_cpu_prefill_chunk_attends_in_fp32_where_bf16_is_slow():
+    # 16 queries: GEMM-sized products, computed in fp32 on a CPU without native bf16 (AVX2), in bf16 with it (AMX)
+    args = inputs([20, 3], UPCAST_QUERIES, 36, seed=5, dtype=torch.bfloat16)
+    got = attend(*args, scale=0.3, block=BLOCK)
+    upcast = attend(*(a.float() if a.is_floating_point() else a for a in args), scale=0.3, block=BLOCK)
+    assert got.dtype == torch.bfloat16
+    assert torch.equal(got, upcast.to(torch.bfloat16)) == (gemm_dtype() == torch.float32)
 
 
 def test_bf16_blocks_stay_close_to_fp32():

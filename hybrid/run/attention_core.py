@@ -13,13 +13,24 @@ P rope dims.
 
 import torch
 
+from hybrid.run.expert_gemm import gemm_dtype
 from placement.memory import key_block
+
+# From this many queries per row the products are GEMMs, and on a CPU without native bf16 (AVX2, plain AVX-512)
+# torch's bf16 GEMMs convert every element and run at under half its fp32 rate (8.5 against 20 GFLOP/s on 2 Zen 3
+# cores, docs/performance.md): a prefill chunk's attention is computed in fp32 there. Decode (one query, bound by
+# reading the cache) stays in the activations' dtype.
+UPCAST_QUERIES = 16
 
 
 def attend(q_lat, q_pe, latent, k_pe, positions, scale: float, block: int | None = None) -> torch.Tensor:
     """q_lat [B, T, Hh, R], q_pe [B, T, Hh, P]; latent [B, S, R], k_pe [B, S, P]; positions [B, T] int64: the
     query at positions[b, t] sees keys 0..positions[b, t] of its row (rows may start anywhere: continuous
     batching). -> o_lat [B, T, Hh, R] in q_lat's dtype. `block`: keys per block (default key_block(T))."""
+    if (q_lat.dtype == torch.bfloat16 and q_lat.device.type == "cpu" and positions.shape[1] >= UPCAST_QUERIES
+            and gemm_dtype() == torch.float32):
+        return attend(q_lat.float(), q_pe.float(), latent.float(), k_pe.float(), positions, scale,
+                      block).to(torch.bfloat16)
     S = latent.shape[1]
     block = block or key_block(positions.shape[1])
     if S <= block:  # one block: the plain softmax, exactly as before blocks existed

@@ -13,6 +13,7 @@ and the GEMM path stays off.
 cpu_kernels stays free of torch: this module is the runtime's.
 """
 
+import functools
 import time
 
 import numpy as np
@@ -28,6 +29,7 @@ from cpu_kernels.store import PROJECTIONS, projection_shape
 CROSSOVER_COUNTS = (8, 16, 32, 64, 128, 256)
 
 
+@functools.cache
 def gemm_dtype() -> torch.dtype:
     """bf16 where oneDNN multiplies it natively (AVX-512 BF16 or AMX), else float32: on plain AVX2/AVX-512 CPUs
     torch's bf16 GEMM converts each element and runs at a fraction of its fp32 rate."""
