@@ -41,7 +41,7 @@ GPU_EXPERT_FORMAT = "bf16"
 # per core across the types (AMD EPYC Zen 3, AVX2, 2.45 GHz; docs/performance.md). 6e9 is their middle.
 GGUF_WEIGHTS_PER_CORE_S = 6e9
 WORKSPACE_SHARE = 0.08  # of GPU memory the prefill workspace may take (it sets the prefill chunk)
-MAX_STREAM_CHUNK = 8192  # GPU prefill's chunk grows to its threshold up to this (past it PCIe never pays off)
+MAX_STREAM_CHUNK = 8192  # a GPU prefill plan's chunk grows up to this (the copy is then a small share of a chunk)
 MIN_RAM_EXPERT_SHARE = 0.05  # disk-backed experts need at least this share of them resident to be usable
 DEFAULT_CONTEXT = 32768
 
@@ -259,15 +259,16 @@ def _gpu_base(cfg, model, settings: Settings, cap: int, hw: Hardware):
     chunk = memory.largest_chunk(cfg, settings.context_length, int(WORKSPACE_SHARE * cap), settings.batch)
     settings, why = _gpu_prefill(cfg, hw, replace(settings, prefill_chunk=chunk), cap)
     fallbacks = ("bf16", "fp8") if cfg.fp8_block else ("bf16", memory.GGUF) if cfg.gguf else ("bf16",)
-    for streaming in ((settings, why), (replace(settings, gpu_prefill_tokens=0, prefill_chunk=chunk),
-                                        "GPU prefill off: its staging memory would not fit beside the rest")):
+    options = [(settings, why)]
+    if settings.gpu_prefill_tokens:  # without GPU prefill, when its staging is what does not fit
+        options.append((replace(settings, gpu_prefill_tokens=0, prefill_chunk=chunk),
+                        "GPU prefill off: its staging memory would not fit beside the rest"))
+    for candidate, why in options:
         for weight_format in fallbacks:
-            plan = _base_plan(model, streaming[0], streaming[0].cache_device, settings.expert_format, weight_format, cfg)
-            need = place_all(plan, cfg).total(settings.cache_device)
+            plan = _base_plan(model, candidate, candidate.cache_device, candidate.expert_format, weight_format, cfg)
+            need = place_all(plan, cfg).total(candidate.cache_device)
             if need <= cap:
-                return plan, need, weight_format, streaming[1]
-        if not settings.gpu_prefill_tokens:
-            break
+                return plan, need, weight_format, why
     return plan, need, weight_format, why
 
 
