@@ -38,6 +38,7 @@ def cpu_name() -> str:
 
 
 def best_of(fn, repeats: int) -> float:
+    # Not hybrid.run.expert_gemm.best_of: `model` also runs against checkouts older than that module.
     best = float("inf")
     for _ in range(repeats):
         t0 = time.perf_counter()

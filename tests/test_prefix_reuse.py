@@ -3,7 +3,6 @@ same greedy output as a fresh prefill, and reports the reused tokens (OpenAI cac
 cache_read_input_tokens, /metrics) through the real server and the official clients."""
 
 import json
-import queue
 import random
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
@@ -13,7 +12,7 @@ import numpy as np
 import pytest
 
 from conftest import K2_SPEC
-from hybrid.generation.engine import Engine, Request
+from hybrid.generation.engine import Engine
 from hybrid.generation.generate import Stats, generate
 from hybrid.generation.prefix_cache import MIN_REUSE, PrefixCache, common_prefix
 from hybrid.generation.sampling import SamplingParams
@@ -21,6 +20,7 @@ from hybrid.read.tiny import make_tiny
 from hybrid.server.app import create_app
 from hybrid.server.service import load_service
 from live_server import Server
+from test_engine import collect, drain
 
 KEY = "prefix-key"
 MODEL = "kimi-k2-tiny"
@@ -113,16 +113,8 @@ def fresh(model, ids, n) -> list[int]:
 
 def run(engine, ids, n) -> tuple[list[int], int]:
     """Greedy tokens and the reused prompt tokens of one request through the engine."""
-    q = queue.Queue()
-    req = engine.submit(Request(ids, SamplingParams(max_new_tokens=n), q.put))
-    tokens = []
-    while True:
-        step = q.get(timeout=60)
-        if isinstance(step, Exception):
-            raise step
-        tokens.append(step.token)
-        if step.finish_reason:
-            return tokens, req.cached_tokens
+    req, q = collect(engine, ids, n)
+    return drain(q)[0], req.cached_tokens
 
 
 def test_reused_prefix_equals_fresh_prefill(service):

@@ -108,8 +108,8 @@ def measure_crossover(cpu, scratch: DenseScratch, counts=CROSSOVER_COUNTS, dtype
         x = rng.standard_normal((n, cpu.hidden), dtype=np.float32)
         ids, weights = np.zeros((n, 1), np.int64), np.ones((n, 1), np.float32)
         xt, ids_t, w_t = torch.from_numpy(x), torch.from_numpy(ids), torch.from_numpy(weights)
-        kernel_s = _best_of(2, lambda: cpu.forward(x, ids, weights))
-        gemm_s = _best_of(2, lambda: gemm.run(xt, ids_t, w_t, torch.ones_like(ids_t, dtype=torch.bool)))
+        kernel_s = best_of(lambda: cpu.forward(x, ids, weights), 2)
+        gemm_s = best_of(lambda: gemm.run(xt, ids_t, w_t, torch.ones_like(ids_t, dtype=torch.bool)), 2)
         wins.append(gemm_s < kernel_s)
         if len(wins) >= 2 and wins[-1] and wins[-2]:
             break
@@ -127,7 +127,8 @@ def first_winning(counts, wins: list) -> int | None:
     return counts[first]
 
 
-def _best_of(n: int, fn) -> float:
+def best_of(fn, n: int) -> float:
+    """The shortest of n timed calls of fn(), in seconds (a shared machine's noise only ever adds time)."""
     best = float("inf")
     for _ in range(n):
         t0 = time.perf_counter()
@@ -136,4 +137,5 @@ def _best_of(n: int, fn) -> float:
     return best
 
 
-__all__ = ["CROSSOVER_COUNTS", "DenseScratch", "ExpertGemm", "first_winning", "gemm_dtype", "measure_crossover"]
+__all__ = ["CROSSOVER_COUNTS", "DenseScratch", "ExpertGemm", "best_of", "first_winning", "gemm_dtype",
+           "measure_crossover"]
