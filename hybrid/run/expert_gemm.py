@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from cpu_kernels import SKIP
 from cpu_kernels.dequant import dense_matrix, dense_shape
 from cpu_kernels.store import PROJECTIONS, projection_shape
+from hybrid.run.routed import add_routed
 
 # Token counts per expert the crossover is measured at (a K2 prefill chunk of 512-8192 tokens gives its
 # experts ~11-170 tokens each).
@@ -57,15 +58,15 @@ class ExpertGemm:
     def run(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """x [T, H] float32 CPU; ids [T, K], weights [T, K] float32; mask [T, K] from pairs() -> [T, H] float32: the
         sum over masked pairs of weight * expert(x)."""
-        out = torch.zeros(x.shape, dtype=torch.float32)
         self.pairs_run += int(mask.sum())
-        for e in torch.unique(ids[mask]).tolist():
-            tokens, k = ((ids == e) & mask).nonzero(as_tuple=True)
+
+        def expert(e, rows):
             gate, up, down = self.matrices(e)
-            rows = x[tokens].to(self.dtype)
-            h = F.silu(rows @ gate) * (rows @ up)
-            out.index_add_(0, tokens, (h @ down).float() * weights[tokens, k, None])
-        return out
+            rows = rows.to(self.dtype)
+            return (F.silu(rows @ gate) * (rows @ up)) @ down
+
+        return add_routed(torch.zeros(x.shape, dtype=torch.float32), x, ids, weights,
+                          torch.unique(ids[mask]).tolist(), expert, mask)
 
     def matrices(self, e: int) -> tuple[torch.Tensor, ...]:
         """Expert e's (gate, up, down) as [in, out] torch views in self.dtype, valid until the next call."""

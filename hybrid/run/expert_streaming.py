@@ -8,7 +8,8 @@ PCIe bandwidth and the CPU's FLOP/s (placement.planner, setting gpu_prefill_toke
 memory. At such counts every expert of a layer is used (K2, 512 tokens: each expert misses with probability
 (1 - 8/384)^512 < 1e-4), so the copy schedule does not depend on the routing: layer after layer, experts in
 groups of n_group (one slot's worth), in the store's own bytes (int4 crosses PCIe at a quarter of bf16's size)
-and unpacked on the GPU (hybrid/run/expert_weights.py).
+and unpacked on the GPU (`unpack`: q * scale in float32, as the store's numpy dequantizer computes it, then
+rounded once to the activations' dtype).
 
 Double buffering: a copier thread walks that schedule ahead of the model, two slots deep. For each group it
 copies the store's bytes into the slot's pinned host buffer (numpy's copy releases the GIL) and from there to the
@@ -30,9 +31,10 @@ import torch
 import torch.nn.functional as F
 
 from cpu_kernels.store import PROJECTIONS, projection_shape
-from hybrid.run.expert_weights import TILED, unpack
+from hybrid.run.routed import add_routed
 
 ARRAYS = tuple(f"{name}.{part}" for name in PROJECTIONS for part in ("values", "scales"))
+TILED = ("bf16", "int8", "int4")  # the formats unpacked in torch (a GGUF's blocks decode in the numba kernels only)
 
 
 class ExpertStreamer:
@@ -66,19 +68,19 @@ class ExpertStreamer:
     def compute(self, layer: int, hidden: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """The routed experts of `layer` for hidden [T, H] (on the device), ids [T, K] (SKIP: left out), weights
         [T, K] -> [T, H] in hidden's dtype, computed on the device from the streamed weights."""
-        store = self.stores[layer]
+        store, first = self.stores[layer], self.layers.index(layer) * self.n_groups
         ids, weights = ids.to(hidden.device), weights.to(hidden.device, torch.float32)
         out = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device)
         for g in range(self.n_groups):
-            slot = self._take(self.layers.index(layer) * self.n_groups + g)
+            slot = self._take(first + g)
             e0 = g * self.n_group
-            used = torch.unique(ids[(ids >= e0) & (ids < e0 + slot.n_experts)]).tolist()
-            for e in used:
-                tokens, k = (ids == e).nonzero(as_tuple=True)
+
+            def expert(e, rows):
                 gate, up, down = slot.matrices(store, e - e0, hidden.dtype)
-                rows = hidden[tokens]
-                y = F.linear(F.silu(F.linear(rows, gate)) * F.linear(rows, up), down)
-                out.index_add_(0, tokens, y.float() * weights[tokens, k, None])
+                return F.linear(F.silu(F.linear(rows, gate)) * F.linear(rows, up), down)
+
+            used = torch.unique(ids[(ids >= e0) & (ids < e0 + slot.n_experts)]).tolist()
+            add_routed(out, hidden, ids, weights, used, expert)
             self._give_back(slot)
         self.layer_calls += 1
         return out.to(hidden.dtype)
@@ -203,10 +205,30 @@ def _array(store, key: str) -> np.ndarray:
     return (store.values if part == "values" else store.scales)[name]
 
 
+def unpack(fmt_name: str, values: torch.Tensor, scales: torch.Tensor, n_out: int, dtype) -> torch.Tensor:
+    """One expert's tiled values and scales (torch tensors, on any device) -> [n_out, n_in] in `dtype`.
+
+    bf16 values [nt, n_in, R] (bf16 bits as int16); int8 values [nt, ng, G, R] and int4 [nt, ng, G/2, R] (two
+    codes per byte: low nibble column 2k, high nibble 2k + 1, each minus 8) with scales [nt, ng, R]."""
+    if fmt_name == "bf16":
+        w = values.view(torch.bfloat16).transpose(1, 2)  # [nt, R, n_in]
+        return w.reshape(-1, w.shape[-1])[:n_out].to(dtype)
+    if fmt_name == "int8":
+        q = values.to(torch.float32)
+    elif fmt_name == "int4":
+        codes = values.to(torch.int16)  # uint8 has no right shift on every device; int16 does
+        q = torch.stack(((codes & 15) - 8, (codes >> 4) - 8), dim=3).to(torch.float32)  # [nt, ng, G/2, 2, R]
+        q = q.flatten(2, 3)
+    else:
+        raise ValueError(f"format {fmt_name} is not unpacked in torch (one of {TILED})")
+    w = (q * scales[:, :, None, :]).permute(0, 3, 1, 2)  # [nt, R, ng, G]
+    return w.reshape(w.shape[0] * w.shape[1], -1)[:n_out].to(dtype)
+
+
 def group_size(store, slot_bytes: int) -> int:
     """Experts per slot: as many whole experts of `store` as fit in slot_bytes (at least one)."""
     per_expert = sum(a.nbytes for a in (*store.values.values(), *store.scales.values())) // store.n_experts
     return max(1, slot_bytes // max(per_expert, 1))
 
 
-__all__ = ["ExpertStreamer", "group_size"]
+__all__ = ["ExpertStreamer", "group_size", "unpack"]

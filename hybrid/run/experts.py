@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from cpu_kernels import SKIP
+from hybrid.run.routed import add_routed
 from hybrid.run.timing import NULL_RECORDER
 
 from hybrid.run.layers import MLP
@@ -24,16 +25,8 @@ class TorchExperts(nn.ModuleList):
         self._result = None
 
     def submit(self, hidden: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor):
-        out = torch.zeros_like(hidden)
-        flat_ids = ids.flatten()
-        token_of = torch.arange(ids.shape[0], device=ids.device).repeat_interleave(ids.shape[1])
-        # Grouped by expert so each expert's weights are read once per call, whatever the token count.
-        for e in torch.unique(flat_ids).tolist():
-            slots = (flat_ids == e).nonzero().squeeze(1)
-            tokens = token_of[slots]
-            y = self[e](hidden[tokens]) * weights.flatten()[slots, None].to(hidden.dtype)
-            out.index_add_(0, tokens, y)
-        self._result = out
+        self._result = add_routed(torch.zeros_like(hidden), hidden, ids, weights, torch.unique(ids).tolist(),
+                                  lambda e, rows: self[e](rows))
 
     def wait(self) -> torch.Tensor:
         out, self._result = self._result, None
@@ -121,13 +114,8 @@ class HybridExperts(nn.Module):
         self.cpu.submit(self._x, self._ids, self._w)
 
     def _run_gpu(self, hidden, ids, weights, mask):
-        out = torch.zeros_like(hidden)
-        for e in torch.unique(ids[mask]).tolist():
-            slot = (ids == e) & mask
-            tokens, k = slot.nonzero(as_tuple=True)
-            y = self._modules[str(e)](hidden[tokens]) * weights[tokens, k, None].to(hidden.dtype)
-            out.index_add_(0, tokens, y)
-        return out
+        return add_routed(torch.zeros_like(hidden), hidden, ids, weights, torch.unique(ids[mask]).tolist(),
+                          lambda e, rows: self._modules[str(e)](rows), mask)
 
     def wait(self) -> torch.Tensor:
         if self._streamed is not None:
