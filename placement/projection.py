@@ -142,17 +142,15 @@ def prefill_chunk_ms(cfg: ModelConfig, hw: Hardware, tr: Traffic, C: int, contex
     expert_flops = n_moe * C * batch * K * 6 * H * I * cpu_share
     attn_flops = cfg.num_hidden_layers * 2 * C * batch * context * cfg.num_attention_heads * (
         2 * cfg.kv_lora_rank + cfg.qk_rope_head_dim)
+    gpu_flops = hw.gpu.bf16_tflops * 1e12 * GPU_MATMUL_EFFICIENCY if hw.gpu is not None else 0.0
     streamed = hw.gpu is not None and tr.gpu_prefill_tokens and C >= tr.gpu_prefill_tokens
-    t_stream = 0.0
+    t_cpu_p, t_stream = 2 * C * batch * tr.cpu_active_params / hw.cpu_flops, 0.0
     if streamed:
-        gpu_flops = hw.gpu.bf16_tflops * 1e12 * GPU_MATMUL_EFFICIENCY
         t_stream = n_moe * max(stream_seconds(cfg, hw, tr), expert_flops / n_moe / gpu_flops)
-        t_cpu_p = 2 * C * batch * tr.cpu_active_params / hw.cpu_flops
     else:
         touched = n_moe * unique_experts(E, K, C * batch) * cpu_share * tr.expert_bytes
-        t_cpu_p = expert_flops / hw.cpu_flops + touched / cpu_bandwidth(hw) + 2 * C * batch * tr.cpu_active_params / hw.cpu_flops
+        t_cpu_p += expert_flops / hw.cpu_flops + touched / cpu_bandwidth(hw)
     if hw.gpu is not None:
-        gpu_flops = hw.gpu.bf16_tflops * 1e12 * GPU_MATMUL_EFFICIENCY
         t_gpu_p = (2 * C * batch * tr.gpu_active_params + attn_flops) / gpu_flops
         t_xfer_p = 0.0 if streamed else n_moe * 2 * (C * batch * H * 2 / (hw.gpu.pcie_gbps * 1e9) + PCIE_LATENCY_S)
     else:
