@@ -33,6 +33,8 @@ K2_SPECIALS = {0: "[BOS]", 1: "[EOS]", 2: "<|im_end|>", 3: "<|im_user|>", 4: "<|
                11: "<|tool_calls_section_begin|>", 12: "<|tool_calls_section_end|>", 13: "<|tool_call_begin|>",
                14: "<|tool_call_argument_begin|>", 15: "<|tool_call_end|>", 17: "<|im_middle|>",
                254: "[UNK]", 255: "[PAD]"}
+# K2-Thinking's reasoning markers, believed to sit at these offsets in its tokenizer_config.json (163606, 163607)
+THINK_SPECIALS = {22: "<think>", 23: "</think>"}
 N_BYTE_RANKS = 256
 K2_N_RANKS = 163584
 
@@ -64,6 +66,9 @@ class TinySpec:
     fp8: bool = True
     seed: int = 0
     tokenizer_from: str | None = None  # a folder with K2's tiktoken.model + tokenizer_config.json
+    # K2-Thinking's text side: its <think>/</think> special tokens and a thinking chat template (see
+    # hybrid/generation/templates/SOURCES.md), written as the checkpoint's own chat_template.jinja
+    thinking: bool = False
 
 
 # K2's true widths: a model of this shape with few layers and experts measures per-layer costs at full size.
@@ -140,6 +145,8 @@ def make_tiny(out, spec: TinySpec = TinySpec(), overwrite: bool = False) -> Path
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         n_ranks = _write_tokenizer(tmp, spec)
+        if spec.thinking:
+            _make_thinking(tmp)
         vocab = n_ranks + 256
         bos, eos = n_ranks, n_ranks + 1
         raw = config_dict(spec, vocab, bos, eos)
@@ -181,6 +188,21 @@ def _write_tokenizer(folder: Path, spec: TinySpec) -> int:
                "unk_token": "[UNK]", "tokenizer_class": "TikTokenTokenizer", "model_max_length": 1 << 20}
     (folder / "tokenizer_config.json").write_text(json.dumps(tok_cfg, indent=2) + "\n")
     return N_BYTE_RANKS
+
+
+def _make_thinking(folder: Path) -> None:
+    """Turn the tokenizer just written into K2-Thinking's: the reasoning markers become special tokens and the
+    packaged thinking template becomes the checkpoint's own."""
+    path = folder / "tokenizer_config.json"
+    tok_cfg = json.loads(path.read_text())
+    first_special = min(int(k) for k in tok_cfg["added_tokens_decoder"])  # [BOS], the first reserved id
+    for off, tok in THINK_SPECIALS.items():
+        tok_cfg["added_tokens_decoder"][str(first_special + off)] = {
+            "content": tok, "lstrip": False, "normalized": False, "rstrip": False, "single_word": False,
+            "special": True}
+    path.write_text(json.dumps(tok_cfg, indent=2) + "\n")
+    template = Path(__file__).resolve().parents[1] / "generation" / "templates" / "kimi_k2_thinking.jinja"
+    shutil.copyfile(template, folder / "chat_template.jinja")
 
 
 def _init(name: str, shape, n_layers: int, gen: torch.Generator) -> torch.Tensor:
