@@ -15,10 +15,11 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors import safe_open
 
-from hybrid.read import fp8, names
+from hybrid.read import fp8, int4, names
 from hybrid.read.config import ModelConfig, load_config
 from hybrid.errors import CheckpointError
 
@@ -108,9 +109,13 @@ class Checkpoint:
         return ckpt
 
     def validate(self):
-        """Every tensor config.json implies is present with its shape and a float or block-FP8 dtype."""
+        """Every tensor config.json implies is present with its shape and a float or block-FP8 dtype (routed
+        experts of a pack-quantized INT4 checkpoint: its three tensors, checked by _check_int4)."""
         cfg, expected = self.config, names.expected_tensors(self.config)
         for name, shape in expected.items():
+            if names.int4_stored(name, cfg):
+                self._check_int4(name, shape)
+                continue
             info = self.tensors.get(name)
             if info is None:
                 raise CheckpointError(f"{self.folder}: tensor {name} is missing (config.json {cfg.source} implies it)")
@@ -123,7 +128,7 @@ class Checkpoint:
                 raise CheckpointError(f"{info.path}: tensor {name} has dtype {info.dtype}; expected one of "
                                       f"{', '.join(FLOAT_DTYPES)} or F8_E4M3 with {names.SCALE_SUFFIX}")
         for name, info in self.tensors.items():
-            owner = name[: -len(names.SCALE_SUFFIX)] if name.endswith(names.SCALE_SUFFIX) else name
+            owner = names.owner_of(name, cfg)
             if owner not in expected and not names.ignored(name, cfg):
                 raise CheckpointError(f"{info.path}: tensor {name} is not part of the model config.json describes "
                                       f"({cfg.source})")
@@ -143,8 +148,43 @@ class Checkpoint:
             raise CheckpointError(f"{scale.path}: tensor {sname} is {scale.dtype}{list(scale.shape)}; expected "
                                   f"F32{list(want)} for {info.name}{list(info.shape)} in {block[0]}x{block[1]} blocks")
 
+    def _check_int4(self, name: str, shape: tuple[int, int]):
+        """weight_packed int32, weight_scale bf16/f16/f32 and weight_shape int32/int64 holding `shape`, their shapes
+        those of `shape` in the config's groups (hybrid/read/int4.py)."""
+        group = self.config.int4_group
+        wants = zip(int4.tensor_names(name), int4.stored_shapes(shape, group), (("I32",), FLOAT_DTYPES, ("I32", "I64")))
+        for part, want_shape, dtypes in wants:
+            info = self.tensors.get(part)
+            if info is None:
+                raise CheckpointError(f"{self.folder}: tensor {part} is missing (config.json {self.config.source} "
+                                      f"stores routed experts as pack-quantized INT4)")
+            if info.shape != want_shape or info.dtype not in dtypes:
+                raise CheckpointError(f"{info.path}: tensor {part} is {info.dtype}{list(info.shape)}; expected "
+                                      f"{' or '.join(dtypes)}{list(want_shape)} for {name}{list(shape)} in groups of "
+                                      f"{group}")
+        part = int4.tensor_names(name)[2]
+        stored = self.raw(part).tolist()
+        if stored != list(shape):
+            raise CheckpointError(f"{self.tensors[part].path}: tensor {part} holds {stored}; config.json implies "
+                                  f"{list(shape)}")
+
     def is_fp8(self, name: str) -> bool:
-        return self.tensors[name].dtype == "F8_E4M3"
+        info = self.tensors.get(name)
+        return info is not None and info.dtype == "F8_E4M3"
+
+    def is_int4(self, name: str) -> bool:
+        """Whether `name` (a routed expert's `...proj.weight`) is stored pack-quantized INT4."""
+        return names.int4_stored(name, self.config)
+
+    def int4_parts(self, name: str) -> tuple[np.ndarray, np.ndarray]:
+        """A pack-quantized expert projection as stored: weight_packed (int32 [n_out, n_in / 8]) and weight_scale
+        (bf16 bits as uint16, or float32, [n_out, n_in / G]) as numpy, for hybrid.read.int4.to_store."""
+        packed_name, scale_name, _ = int4.tensor_names(name)
+        packed = self.raw(packed_name).numpy()
+        scale = self.raw(scale_name)
+        if scale.dtype == torch.bfloat16:
+            return packed, scale.view(torch.int16).numpy().view(np.uint16)
+        return packed, scale.float().numpy()
 
     def raw(self, name: str) -> torch.Tensor:
         """The tensor as stored (float8 stays float8), read through the shard's mmap."""
@@ -158,7 +198,11 @@ class Checkpoint:
 
     def weight(self, name: str, dtype=torch.float32) -> torch.Tensor:
         """The tensor in `dtype`; block-FP8 is first dequantized to bf16, as DeepSeek's reference conversion does,
-        so an FP8 checkpoint yields exactly the weights of its converted bf16 twin."""
+        so an FP8 checkpoint yields exactly the weights of its converted bf16 twin. A pack-quantized INT4 expert is
+        q * scale in float32 (exact), then cast: in bf16 exactly what compressed-tensors' decompression gives."""
+        if self.is_int4(name):
+            packed_name, scale_name, _ = int4.tensor_names(name)
+            return int4.dequantize(self.raw(packed_name), self.raw(scale_name), self.config.int4_group, dtype)
         t = self.raw(name)
         if t.dtype == torch.float8_e4m3fn:
             t = fp8.dequantize(t, self.raw(names.scale_name(name)), self.config.fp8_block, torch.bfloat16)

@@ -70,11 +70,20 @@ class ModelConfig:
     # A GGUF checkpoint's storage, for the planner to size each tensor by its real type: ((name, ggml type name),
     # ...) with HF names, routed experts once per layer and projection (`stored_key`). Empty for safetensors.
     stored_types: tuple[tuple[str, str], ...] = ()
+    # Group size of routed experts stored as compressed-tensors pack-quantized INT4 (K2-Thinking: 32); None for
+    # bf16, block-FP8 and GGUF checkpoints. Only the routed experts are INT4; everything else is bf16.
+    int4_group: int | None = None
 
     @property
     def gguf(self) -> bool:
         """Whether the checkpoint is a GGUF file set (its tensors stay in their stored types)."""
         return bool(self.stored_types)
+
+    @property
+    def stored_expert_format(self) -> str | None:
+        """The CPU expert-store format that holds the routed experts exactly as the checkpoint stores them
+        (int4-g32 for K2-Thinking's pack-quantized INT4), else None (bf16 / FP8: any format quantizes them)."""
+        return f"int4-g{self.int4_group}" if self.int4_group else None
 
     @property
     def qk_head_dim(self) -> int:
@@ -171,9 +180,11 @@ def parse_config(raw: dict, source: str = "config.json") -> ModelConfig:
         tie_word_embeddings=r.bool("tie_word_embeddings", default=False),
         bos_token_id=r.int("bos_token_id", optional=True, minimum=0),
         eos_token_ids=_eos_ids(r),
-        fp8_block=_fp8_block(r),
+        fp8_block=None,
+        int4_group=None,
         torch_dtype=str(raw.get("torch_dtype") or raw.get("dtype") or "bfloat16"),
     )
+    fields.update(_quantization(r))
     _check_relations(r, fields)
     return ModelConfig(**fields)
 
@@ -269,18 +280,76 @@ def _eos_ids(r: _Reader) -> tuple[int, ...]:
     return tuple(ids)
 
 
-def _fp8_block(r: _Reader) -> tuple[int, int] | None:
+def _quantization(r: _Reader) -> dict:
+    """fp8_block and int4_group from quantization_config: block FP8 (DeepSeek-V3, K2-Instruct) or compressed-tensors
+    pack-quantized INT4 experts (K2-Thinking); anything else is refused naming the key."""
     q = r.raw.get("quantization_config")
     if q is None:
-        return None
-    if not isinstance(q, dict) or q.get("quant_method") != "fp8":
-        r.fail("quantization_config.quant_method", f"must be 'fp8' (block FP8), got {q!r}")
+        return {}
+    method = q.get("quant_method") if isinstance(q, dict) else None
+    if method == COMPRESSED_TENSORS:
+        return {"int4_group": _int4_group(r, q)}
+    if method != "fp8":
+        r.fail("quantization_config.quant_method", f"must be 'fp8' (block FP8) or '{COMPRESSED_TENSORS}' "
+                                                   f"(pack-quantized INT4), got {method if method else q!r}")
     if q.get("fmt", "e4m3") != "e4m3":
         r.fail("quantization_config.fmt", f"must be 'e4m3', got {q.get('fmt')!r}")
     block = q.get("weight_block_size")
     if not (isinstance(block, list) and len(block) == 2 and all(isinstance(b, int) and b > 0 for b in block)):
         r.fail("quantization_config.weight_block_size", f"must be [rows, cols], got {block!r}")
-    return tuple(block)
+    return {"fp8_block": tuple(block)}
+
+
+COMPRESSED_TENSORS = "compressed-tensors"
+PACK_QUANTIZED = "pack-quantized"
+# What a pack-quantized group's weights must say for the CPU kernels' int4 format to hold them as they are
+# (compressed-tensors' QuantizationArgs field names): symmetric 4-bit integers, one static scale per group of
+# columns, no activation ordering (which would add a weight_g_idx permutation).
+INT4_WEIGHTS = {"num_bits": 4, "type": "int", "strategy": "group", "symmetric": True, "dynamic": False,
+                "actorder": None, "block_structure": None}
+# QuantizationArgs' defaults, for a field a config leaves out.
+ARGS_DEFAULTS = {"num_bits": 8, "type": "int", "strategy": None, "symmetric": True, "dynamic": False, "actorder": None,
+                 "block_structure": None}
+INT4_GROUP_SIZES = (32, 64, 128)  # cpu_kernels' int4 group sizes (formats/tiled.py GROUP_SIZES)
+
+
+def _int4_group(r: _Reader, q: dict) -> int:
+    """The group size of a compressed-tensors quantization_config the CPU kernels run as stored: format
+    pack-quantized, status compressed, weight-only symmetric INT4 in groups; one group setting for every target."""
+    key = "quantization_config"
+    fmt = q.get("format")
+    if fmt != PACK_QUANTIZED:
+        r.fail(f"{key}.format", f"must be '{PACK_QUANTIZED}', got {fmt!r}")
+    if q.get("quantization_status", "compressed") != "compressed":
+        r.fail(f"{key}.quantization_status", f"must be 'compressed', got {q.get('quantization_status')!r}")
+    if q.get("kv_cache_scheme") is not None:
+        r.fail(f"{key}.kv_cache_scheme", f"must be null (the MLA cache is kept in bf16), got {q['kv_cache_scheme']!r}")
+    groups = q.get("config_groups")
+    if not isinstance(groups, dict) or not groups:
+        r.fail(f"{key}.config_groups", f"must be an object of quantization groups, got {groups!r}")
+    sizes = set()
+    for name, group in groups.items():
+        at = f"{key}.config_groups.{name}"
+        if not isinstance(group, dict):
+            r.fail(at, f"must be an object, got {group!r}")
+        if group.get("format", fmt) not in (None, PACK_QUANTIZED):
+            r.fail(f"{at}.format", f"must be '{PACK_QUANTIZED}', got {group['format']!r}")
+        for side in ("input_activations", "output_activations"):
+            if group.get(side) is not None:
+                r.fail(f"{at}.{side}", f"must be null (weight-only INT4), got {group[side]!r}")
+        weights = group.get("weights")
+        if not isinstance(weights, dict):
+            r.fail(f"{at}.weights", f"must be an object, got {weights!r}")
+        for field, want in INT4_WEIGHTS.items():
+            if weights.get(field, ARGS_DEFAULTS[field]) != want:
+                r.fail(f"{at}.weights.{field}", f"must be {json.dumps(want)}, got {json.dumps(weights.get(field, ARGS_DEFAULTS[field]))}")
+        size = weights.get("group_size")
+        if size not in INT4_GROUP_SIZES:
+            r.fail(f"{at}.weights.group_size", f"must be one of {', '.join(map(str, INT4_GROUP_SIZES))}, got {size!r}")
+        sizes.add(size)
+    if len(sizes) > 1:
+        r.fail(f"{key}.config_groups", f"give one group_size for all groups, got {sorted(sizes)}")
+    return sizes.pop()
 
 
 def _check_relations(r: _Reader, f: dict):
@@ -295,6 +364,11 @@ def _check_relations(r: _Reader, f: dict):
         r.fail("n_group", "leaves fewer than 2 experts per group; noaux_tc scores a group by its top 2")
     if f["topk_group"] * per_group < f["num_experts_per_tok"]:
         r.fail("topk_group", f"groups hold {f['topk_group'] * per_group} experts, fewer than num_experts_per_tok")
+    if f["int4_group"]:
+        for key in ("hidden_size", "moe_intermediate_size"):
+            if f[key] % f["int4_group"]:
+                r.fail("quantization_config.config_groups.*.weights.group_size",
+                       f"({f['int4_group']}) must divide {key} ({f[key]})")
     if f["first_k_dense_replace"] > f["num_hidden_layers"]:
         r.fail("first_k_dense_replace", f"exceeds num_hidden_layers ({f['num_hidden_layers']})")
     if r.raw.get("moe_layer_freq", 1) != 1:

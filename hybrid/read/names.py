@@ -2,7 +2,9 @@
 
 Modules elsewhere carry these attribute names, so state-dict keys equal checkpoint keys. `expected_tensors`
 is the contract a checkpoint must meet (name -> unquantized shape); `quantizable` says which of them a
-block-FP8 checkpoint stores as float8_e4m3fn + `<name>_scale_inv`.
+block-FP8 checkpoint stores as float8_e4m3fn + `<name>_scale_inv`; `int4_stored` which of them a
+pack-quantized INT4 checkpoint (K2-Thinking) stores as `<name>_packed`, `<name>_scale`, `<name>_shape`
+(hybrid/read/int4.py).
 """
 
 import re
@@ -11,6 +13,7 @@ from hybrid.read.config import ModelConfig
 
 SCALE_SUFFIX = "_scale_inv"
 EXPERT_PROJS = ("gate_proj", "up_proj", "down_proj")
+INT4_SUFFIXES = ("_packed", "_scale", "_shape")  # weight_packed, weight_scale, weight_shape (hybrid/read/int4.py)
 
 _EXPERT_RE = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
 _LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.")
@@ -44,6 +47,22 @@ def scale_name(weight_name: str) -> str:
 def quantizable(name: str) -> bool:
     """True for the linear weights a block-FP8 checkpoint stores in float8 (attention and MLP projections)."""
     return name.endswith(".weight") and not _NEVER_FP8.search(name)
+
+
+def int4_stored(name: str, cfg: ModelConfig) -> bool:
+    """True for the tensors a pack-quantized INT4 checkpoint stores packed: its routed experts, nothing else."""
+    return cfg.int4_group is not None and parse_expert_key(name) is not None
+
+
+def owner_of(name: str, cfg: ModelConfig) -> str:
+    """The model tensor a stored tensor belongs to: itself, or the weight whose FP8 scale or INT4 part it is."""
+    if name.endswith(SCALE_SUFFIX):
+        return name[: -len(SCALE_SUFFIX)]
+    if cfg.int4_group is not None:
+        for suffix in INT4_SUFFIXES:
+            if name.endswith(suffix) and int4_stored(name[: -len(suffix)], cfg):
+                return name[: -len(suffix)]
+    return name
 
 
 def ignored(name: str, cfg: ModelConfig) -> bool:

@@ -4,6 +4,9 @@ Same files as the real release: config.json (with quantization_config), generati
 `model-0000N-of-0000NN.safetensors` (embeddings, then one per layer, like K2's 62 shards for 61 layers) with
 model.safetensors.index.json, per-expert tensors `model.layers.N.mlp.experts.E.{gate,up,down}_proj.weight`,
 block-FP8 linear weights with `weight_scale_inv`, bf16 norms/embeddings/router and an f32 correction bias.
+`TinySpec(int4=True)` writes K2-Thinking's layout instead: routed experts as compressed-tensors pack-quantized INT4
+in groups of 32 (`weight_packed`, `weight_scale`, `weight_shape`; hybrid/read/int4.py) with its quantization_config,
+everything else bf16 (no FP8 anywhere, whatever `fp8` says).
 Tests, demos and benchmarks build on it; the dims are small but not multiples of 128 where K2's aren't
 (kv_a_proj_with_mqa has a ragged last FP8 block).
 
@@ -23,7 +26,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from hybrid.read import fp8, names
+from hybrid.read import fp8, int4, names
 from hybrid.read.config import parse_config
 from hybrid.errors import ConfigError
 
@@ -69,6 +72,9 @@ class TinySpec:
     # K2-Thinking's text side: its <think>/</think> special tokens and a thinking chat template (see
     # hybrid/generation/templates/SOURCES.md), written as the checkpoint's own chat_template.jinja
     thinking: bool = False
+    # K2-Thinking's weights: routed experts pack-quantized INT4 in groups of int4_group, the rest bf16
+    int4: bool = False
+    int4_group: int = 32
 
 
 # K2's true widths: a model of this shape with few layers and experts measures per-layer costs at full size.
@@ -131,9 +137,28 @@ def config_dict(spec: TinySpec, vocab: int, bos: int, eos: int) -> dict:
         "v_head_dim": spec.v_head_dim,
         "vocab_size": vocab,
     }
-    if not spec.fp8:
+    if spec.int4:
+        cfg["quantization_config"] = int4_quantization_config(spec.int4_group)
+    elif not spec.fp8:
         del cfg["quantization_config"]
     return cfg
+
+
+def int4_quantization_config(group: int = 32) -> dict:
+    """K2-Thinking's quantization_config: compressed-tensors, pack-quantized, weight-only symmetric INT4 in groups,
+    everything but the routed experts ignored (kept in bf16)."""
+    return {
+        "config_groups": {"group_0": {
+            "input_activations": None, "output_activations": None, "targets": ["Linear"],
+            "weights": {"actorder": None, "block_structure": None, "dynamic": False, "group_size": group,
+                        "num_bits": 4, "observer": "minmax", "observer_kwargs": {}, "strategy": "group",
+                        "symmetric": True, "type": "int"}}},
+        "format": "pack-quantized",
+        "ignore": ["lm_head", "re:.*self_attn.*", "re:.*shared_experts.*", "re:.*mlp\\.(gate|up|gate_up|down)_proj.*"],
+        "kv_cache_scheme": None,
+        "quant_method": "compressed-tensors",
+        "quantization_status": "compressed",
+    }
 
 
 def make_tiny(out, spec: TinySpec = TinySpec(), overwrite: bool = False) -> Path:
@@ -228,7 +253,11 @@ def _write_shards(folder: Path, cfg, spec: TinySpec):
         shard = shards[n_shards - 1 if layer is None and name != "model.embed_tokens.weight" else
                        0 if layer is None else layer + 1]
         w = _init(name, shape, cfg.num_hidden_layers, gen)
-        if spec.fp8 and names.quantizable(name):
+        if names.int4_stored(name, cfg):
+            packed, scale, shape = int4.quantize(w, cfg.int4_group)
+            for part, t in zip(int4.tensor_names(name), (packed, scale, shape)):
+                shard[part] = t
+        elif spec.fp8 and not spec.int4 and names.quantizable(name):
             shard[name], shard[names.scale_name(name)] = fp8.quantize(w, cfg.fp8_block)
         elif name.endswith("e_score_correction_bias"):
             shard[name] = w.float()
