@@ -137,7 +137,9 @@ def _assemble(fmt: Format, n_experts: int, hidden: int, width: int, stored) -> E
 class _LayerWriter:
     """Quantize a layer one expert at a time into arrays made by `_allocate`: what the two writers below share.
 
-    `write_expert` places expert `e`; `close()` checks that every expert was written and finishes the store.
+    `write_expert` quantizes and places expert `e`; `write_quantized` places one already in the store's format (a
+    checkpoint stored in it, such as K2-Thinking's INT4 experts); `close()` checks that every expert was written
+    and finishes the store.
     """
 
     def __init__(self, fmt: Format, n_experts: int, hidden: int, width: int):
@@ -162,6 +164,25 @@ class _LayerWriter:
             self._arrays[f"{name}.values"][e] = v
             if self.fmt.spec.has_scales:
                 self._arrays[f"{name}.scales"][e] = s
+        self._written[e] = True
+
+    def write_quantized(self, e: int, arrays: dict) -> None:
+        """Place expert `e` as given: arrays {projection name: (values, scales)} in the writer's format, one
+        expert's shapes and dtypes (cpu_kernels.formats value_shape / scale_shape); ValueError naming a mismatch."""
+        if not 0 <= e < self.n_experts:
+            raise ValueError(f"expert index {e} out of range [0, {self.n_experts})")
+        if set(arrays) != set(PROJECTIONS):
+            raise ValueError(f"expert {e}: arrays for {sorted(arrays)}, want {list(PROJECTIONS)}")
+        for name in PROJECTIONS:
+            for part, array in zip(("values", "scales"), arrays[name]):
+                key = f"{name}.{part}"
+                if key not in self._arrays:
+                    continue
+                dest = self._arrays[key][e]
+                if array.shape != dest.shape or array.dtype != dest.dtype:
+                    raise ValueError(f"{key} of expert {e}: {array.dtype}{list(array.shape)}, the store's {self.fmt} "
+                                     f"wants {dest.dtype}{list(dest.shape)}")
+                dest[...] = array
         self._written[e] = True
 
     def _check_complete(self) -> None:

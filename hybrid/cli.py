@@ -193,7 +193,8 @@ def plan(model, output, hardware, check_file, from_ktransformers, as_json, **fla
 @cli.command()
 @click.argument("checkpoint", type=MODEL)
 @click.argument("out", type=click.Path(file_okay=False, path_type=Path))
-@click.option("--experts", "fmt", default="int4", show_default=True, help="int4, int8 or bf16.")
+@click.option("--experts", "fmt", help="int4, int8 or bf16 (default: int4; a pack-quantized INT4 checkpoint's own "
+                                        "groups, int4-g32 for K2-Thinking: a lossless repack).")
 @click.option("--group", type=click.Choice(["32", "64", "128"]), help="Input channels per scale (int4/int8).")
 @click.option("--verify", is_flag=True, help="Only recompute and check every checksum of OUT.")
 def convert(checkpoint, out, fmt, group, verify):
@@ -206,10 +207,10 @@ def convert(checkpoint, out, fmt, group, verify):
     if verify:
         err.print(f"{verify_store(out) / 1e9:.2f} GB verified in {out}")
         return
-    fmt = f"{fmt}-g{group}" if group else fmt
+    fmt = f"{fmt or 'int4'}-g{group}" if group else fmt
     columns = ("{task.description}", BarColumn(), DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn())
     with Progress(*columns, console=err) as bar:
-        task = bar.add_task(f"experts -> {fmt}", total=None)
+        task = bar.add_task(f"experts -> {fmt or 'default format'}", total=None)
         run(checkpoint, out, fmt, progress=lambda done, total: bar.update(task, completed=done, total=total))
     err.print(f"wrote {out}")
 

@@ -3,6 +3,11 @@
     convert(checkpoint_folder, out_folder, "int4")   # FP8 or bf16 checkpoint -> int4/int8/bf16 expert store
     quantize_layer(ckpt, layer, writer)              # one layer, expert by expert, into a store writer
 
+A pack-quantized INT4 checkpoint (Kimi-K2-Thinking) written into int4 with its own group size is repacked, not
+quantized: each projection's packed words and bf16 scales move into the store's tiles as they are (hybrid/read/int4.py,
+integers and an exact widening), so the store holds exactly the checkpoint's weights. Any other format (bf16,
+int8, int4 with another group) is quantized from the exact float32 dequantization.
+
 Dimension legend: E routed experts, H hidden (7168 in K2), I expert width (2048), L layers.
 
 The store folder (layout, hybrid_store.json, how the runtime opens and verifies it) is hybrid/read/expert_store.py's.
@@ -39,7 +44,7 @@ import torch
 from cpu_kernels.floats import FP8_BLOCK, dequantize_fp8, f32_to_bf16
 from cpu_kernels.formats import Format, check_matrix, parse_format
 from cpu_kernels.store import LayerStoreWriter
-from hybrid.read import names
+from hybrid.read import int4, names
 from hybrid.read.checkpoint import Checkpoint
 from hybrid.read.open import is_gguf
 from hybrid.errors import ConfigError
@@ -59,10 +64,11 @@ from hybrid.read.expert_store import (
 _EXACT_IN_BF16 = ("BF16", "F8_E4M3")
 
 
-def convert(checkpoint_folder, out_folder, fmt: str | Format = "int4", progress=None) -> Path:
+def convert(checkpoint_folder, out_folder, fmt: str | Format | None = None, progress=None) -> Path:
     """Convert the routed experts of the checkpoint at `checkpoint_folder` into a store at `out_folder`.
 
-    `fmt`: "bf16", "int8", "int4" (group 128) or "int8-g64"-style names (cpu_kernels.formats.parse_format).
+    `fmt`: "bf16", "int8", "int4" (group 128) or "int8-g64"-style names (cpu_kernels.formats.parse_format); None:
+    the checkpoint's default (default_expert_format: int4-g32 for K2-Thinking's INT4 experts, else int4).
     `progress(done_bytes, total_bytes)`, if given, is called once before the first layer (with the bytes of
     layers already complete from an earlier run) and after each expert; bytes count the checkpoint's expert
     tensors (values and FP8 scales), so done/elapsed is the read rate. Returns the store folder.
@@ -73,7 +79,7 @@ def convert(checkpoint_folder, out_folder, fmt: str | Format = "int4", progress=
                           "nothing to convert (give it to generate, chat, serve or plan as it is)")
     ckpt = Checkpoint.open(checkpoint_folder)
     cfg = ckpt.config
-    fmt = _parse_format(fmt, cfg)
+    fmt = _parse_format(fmt or default_expert_format(cfg), cfg)
     out = Path(out_folder)
     manifest = _open_or_start(out, store_identity(ckpt, fmt))
     todo = [layer for layer in cfg.moe_layers if not _layer_intact(out, manifest, layer)]
@@ -91,6 +97,17 @@ def convert(checkpoint_folder, out_folder, fmt: str | Format = "int4", progress=
         manifest["layers"][str(layer)] = {"dir": directory.name, "files": checksums(directory)}
         write_json(out / STORE_MANIFEST, manifest)
     return out
+
+
+def default_expert_format(cfg) -> str:
+    """The store format a checkpoint's routed experts go to unless asked otherwise: a pack-quantized INT4
+    checkpoint's own int4 groups (a lossless repack), else int4 (group 128)."""
+    return cfg.stored_expert_format or "int4"
+
+
+def repacks(cfg, fmt: Format) -> bool:
+    """Whether `fmt` holds the checkpoint's INT4 experts as they are (int4 with the checkpoint's group size)."""
+    return cfg.int4_group is not None and fmt.name == "int4" and fmt.group_size == cfg.int4_group
 
 
 def _parse_format(fmt, cfg) -> Format:
@@ -127,10 +144,15 @@ def quantize_layer(ckpt: Checkpoint, layer: int, writer, expert_done=None):
 
     `writer` has the cpu_kernels.store writers' interface (write_expert(e, gate, up, down), close()) and the
     checkpoint's format and sizes. `expert_done(source_bytes)`, if given, is called after each expert with the
-    checkpoint bytes it read. Memory: one expert's temporaries besides what the writer holds.
+    checkpoint bytes it read. Memory: one expert's temporaries besides what the writer holds. A pack-quantized
+    INT4 checkpoint into int4 with its group size is repacked (writer.write_quantized), never through float.
     """
+    repack = repacks(ckpt.config, writer.fmt)
     for e in range(ckpt.config.n_routed_experts):
-        writer.write_expert(e, *_read_expert(ckpt, layer, e))
+        if repack:
+            writer.write_quantized(e, _repacked_expert(ckpt, layer, e))
+        else:
+            writer.write_expert(e, *_read_expert(ckpt, layer, e))
         if expert_done is not None:
             expert_done(_expert_source_bytes(ckpt, layer, e))
     return writer.close()
@@ -148,6 +170,14 @@ def _read_expert(ckpt: Checkpoint, layer: int, e: int) -> tuple[np.ndarray, np.n
     return tuple(_expert_matrix(reader, names.expert_key(layer, e, p)) for p in names.EXPERT_PROJS)
 
 
+def _repacked_expert(ckpt: Checkpoint, layer: int, e: int) -> dict:
+    """{projection: (values, scales)} of expert `e` in the store's int4 layout, moved from the checkpoint's packed
+    words and scales (hybrid/read/int4.py); through a reader opened for this expert alone, as _read_expert."""
+    reader = Checkpoint(ckpt.folder, ckpt.config, ckpt.tensors)
+    group = ckpt.config.int4_group
+    return {p: int4.to_store(*reader.int4_parts(names.expert_key(layer, e, p)), group) for p in names.EXPERT_PROJS}
+
+
 def _expert_matrix(ckpt: Checkpoint, name: str) -> np.ndarray:
     """One projection as numpy: bf16 bits (uint16) for BF16 and block-FP8 tensors, float32 for F16 and F32.
 
@@ -155,6 +185,8 @@ def _expert_matrix(ckpt: Checkpoint, name: str) -> np.ndarray:
     same arithmetic as Checkpoint.weight, bit for bit (the test checks it), but no torch operator. Torch's
     intra-op thread pool made each small operator ~10x slower here whenever another process held a core.
     """
+    if isinstance(ckpt, Checkpoint) and ckpt.is_int4(name):  # q * scale in float32: exact
+        return ckpt.weight(name, torch.float32).numpy()
     dtype = ckpt.tensors[name].dtype
     if dtype == "F8_E4M3" and ckpt.config.fp8_block == (FP8_BLOCK, FP8_BLOCK):
         scale = ckpt.weight(names.scale_name(name), torch.float32).numpy()
@@ -168,9 +200,8 @@ def _expert_source_bytes(ckpt: Checkpoint, layer: int, e: int) -> int:
     n = 0
     for p in names.EXPERT_PROJS:
         key = names.expert_key(layer, e, p)
-        n += ckpt.tensors[key].nbytes
-        scale = ckpt.tensors.get(names.scale_name(key))
-        n += scale.nbytes if scale is not None else 0
+        parts = int4.tensor_names(key) if ckpt.is_int4(key) else (key, names.scale_name(key))
+        n += sum(ckpt.tensors[part].nbytes for part in parts if part in ckpt.tensors)
     return n
 
 

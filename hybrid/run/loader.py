@@ -100,7 +100,8 @@ def load_model(checkpoint, plan=None, store=None, dtype=torch.float32, progress=
 
 def _checked(ckpt, name, tensor):
     if tensor.is_floating_point() and not torch.isfinite(tensor).all():
-        raise CheckpointError(f"{ckpt.tensors[name].path}: tensor {name} holds NaN or inf values")
+        info = ckpt.tensors.get(name)  # a pack-quantized expert's weight is computed from its stored parts
+        raise CheckpointError(f"{info.path if info else ckpt.folder}: tensor {name} holds NaN or inf values")
     return tensor
 
 
