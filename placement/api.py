@@ -5,7 +5,7 @@ from dataclasses import replace
 from hybrid.errors import PlanError
 from placement.hardware import Hardware
 from placement.ktransformers import translate
-from placement.memory import GGUF, GIB, largest_chunk
+from placement.memory import GIB, default_expert_format, largest_chunk
 from placement.plan import Architecture, Plan, Settings
 from placement.plan_file import load_plan, save_plan
 from placement.planner import (DEFAULT_CONTEXT, WORKSPACE_SHARE, PlanRequest, PlanResult, evaluate,
@@ -43,7 +43,7 @@ def from_ktransformers(path, name, cfg, hw: Hardware, req: PlanRequest, output) 
     """Their rule file translated, with the request's settings, and checked against this machine. The
     translation is written to `output` even when it does not fit, with its notes and the refusal as comments,
     so it can be edited; the refusal is then still raised, saying so."""
-    req = replace(req, expert_format=req.expert_format or (GGUF if cfg.gguf else "int4"))
+    req = replace(req, expert_format=req.expert_format or default_expert_format(cfg))
     t = translate(path, req.expert_format)
     ctx = req.context_length or min(cfg.max_position_embeddings, DEFAULT_CONTEXT)
     budget = int(WORKSPACE_SHARE * (hw.gpu.memory_gib if hw.gpu else hw.ram_available_gib) * GIB)

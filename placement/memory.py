@@ -255,11 +255,20 @@ def _fits(cfg: ModelConfig, fmt: Format) -> bool:
     return all(n % fmt.spec.input_multiple(fmt.group_size) == 0 for n in _expert_inputs(cfg).values())
 
 
+def default_expert_format(cfg: ModelConfig) -> str:
+    """A plan's routed-expert format unless asked otherwise: a GGUF's as stored, a pack-quantized INT4 checkpoint's
+    own int4 groups (int4-g32 for K2-Thinking: loaded by a lossless repack), else int4 (group 128)."""
+    return GGUF if cfg.gguf else cfg.stored_expert_format or "int4"
+
+
 def fitting_format(cfg: ModelConfig, preferred: str = "int4") -> str | None:
     """The expert format nearest `preferred` that this model's widths divide: its own group sizes from the
-    largest down, then the other formats; None if none does. A GGUF checkpoint's experts run as stored."""
+    largest down, then the other formats; None if none does. A GGUF checkpoint's experts run as stored; plain
+    "int4" for a pack-quantized INT4 checkpoint is its own groups (default_expert_format)."""
     if cfg.gguf:
         return GGUF
+    if preferred == "int4" and cfg.stored_expert_format:
+        return cfg.stored_expert_format
     fmt = parse_format(preferred)
     candidates = [Format(fmt.name, g) for g in sorted(fmt.spec.group_sizes, reverse=True)] or [fmt]
     candidates += [parse_format(name) for name in WRITABLE_NAMES]

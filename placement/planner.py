@@ -52,7 +52,7 @@ class PlanRequest:
 
     context_length: int | None = None  # --context; None: the model's, at most DEFAULT_CONTEXT
     batch: int = 1  # --batch
-    expert_format: str | None = None  # --experts; None: int4, or gguf (as stored) for a GGUF checkpoint
+    expert_format: str | None = None  # --experts; None: memory.default_expert_format (int4, gguf, int4-g32)
     gpu_expert_layers: int | None = None  # --gpu-expert-layers; None: as many as fit; 0: none
     routing_counts: dict | None = None  # {layer: [count per expert]}
     allow_disk: bool = False
@@ -111,7 +111,7 @@ def load_routing_counts(path) -> dict[int, list[int]]:
 
 
 def make_plan(cfg: ModelConfig, model: str, hw: Hardware, req: PlanRequest = PlanRequest()) -> PlanResult:
-    req = replace(req, expert_format=req.expert_format or (memory.GGUF if cfg.gguf else "int4"))
+    req = replace(req, expert_format=req.expert_format or memory.default_expert_format(cfg))
     memory.check_expert_format(cfg, req.expert_format, "the plan", model)
     ctx = req.context_length or min(cfg.max_position_embeddings, DEFAULT_CONTEXT)
     if ctx > cfg.max_position_embeddings:
