@@ -56,7 +56,8 @@ def package_int4_weight(ckpt, name):
                             group_size=ckpt.config.int4_group)
     state = {"weight" + s: ckpt.raw(name + s) for s in INT4_SUFFIXES}
     state["weight_scale"] = state["weight_scale"].float()
-    return PackedQuantizationCompressor.decompress(state, QuantizationScheme(targets=["Linear"], weights=args))["weight"]
+    scheme = QuantizationScheme(targets=["Linear"], weights=args)
+    return PackedQuantizationCompressor.decompress(state, scheme)["weight"]
 
 
 def reference_fp8_to_bf16(w, scale_inv, block=128):

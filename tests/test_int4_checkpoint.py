@@ -170,7 +170,8 @@ def test_runtime_on_int4_kernels_gives_the_reference_tokens(thinking):
     from placement.plan import Plan, Rule, Settings
 
     def plan(fmt):
-        return Plan("t", Settings(cpu_threads=2), (Rule(EXPERTS, "cpu", fmt, "cpu_moe"), Rule(".*", "cpu", "fp32", "torch")))
+        rules = (Rule(EXPERTS, "cpu", fmt, "cpu_moe"), Rule(".*", "cpu", "fp32", "torch"))
+        return Plan("t", Settings(cpu_threads=2), rules)
 
     def greedy(model, ids, n=32):
         stats = Stats()
@@ -333,3 +334,37 @@ def test_torch_model_matches_the_transformers_oracle(thinking, tmp_path):
         want = oracle(ids).logits
     got = load_model(thinking)(ids)
     assert float((got - want).norm() / want.norm()) < 1e-4
+
+
+def test_gpu_resident_experts_get_the_decompressed_weights(thinking):
+    """Experts the plan puts on a GPU (the CPU stands in here, as the loader's device rule says) are the package's
+    decompression in the plan's dtype; the others run on the int4-g32 kernels."""
+    from hybrid.run.experts import HybridExperts
+    from hybrid.run.loader import load_model
+    from placement.plan import Plan, Rule, Settings
+
+    rules = (Rule(r"^model\.layers\.2\.mlp\.experts\.(1|6)\.", "cuda:0", "bf16", "torch"),
+             Rule(EXPERTS, "cpu", "int4-g32", "cpu_moe"), Rule(".*", "cuda:0", "bf16", "torch"))
+    p = Plan("t", Settings(cpu_threads=2), rules)
+    model = load_model(thinking, plan=p)
+    experts = model.model.layers[2].mlp.experts
+    assert isinstance(experts, HybridExperts) and sorted(int(k) for k in experts._modules) == [1, 6]
+    ckpt = Checkpoint.open(thinking)
+    params = dict(model.named_parameters())
+    for e in (1, 6):
+        for proj in names.EXPERT_PROJS:
+            name = names.expert_key(2, e, proj)
+            assert params[name].dtype == torch.bfloat16
+            want = package_decompress(package_parts(ckpt, name))
+            assert torch.equal(params[name].view(torch.int16), want.view(torch.int16))
+    out = model(torch.randint(0, 512, (1, 12), generator=torch.Generator().manual_seed(4)))
+    assert torch.isfinite(out).all()
+
+
+def test_store_writer_refuses_arrays_of_another_format():
+    fmt = parse_format("int4-g32")
+    writer = MemoryLayerWriter(fmt, 2, 256, 128)
+    gate = int4.to_store(*[t.numpy() if i == 0 else t.view(torch.int16).numpy().view(np.uint16)
+                           for i, t in enumerate(int4.quantize(torch.randn(128, 256), 32)[:2])], 32)
+    with pytest.raises(ValueError, match="down_proj.values of expert 0"):
+        writer.write_quantized(0, {"gate_proj": gate, "up_proj": gate, "down_proj": gate})

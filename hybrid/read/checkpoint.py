@@ -152,15 +152,16 @@ class Checkpoint:
         """weight_packed int32, weight_scale bf16/f16/f32 and weight_shape int32/int64 holding `shape`, their shapes
         those of `shape` in the config's groups (hybrid/read/int4.py)."""
         group = self.config.int4_group
-        wants = zip(int4.tensor_names(name), int4.stored_shapes(shape, group), (("I32",), FLOAT_DTYPES, ("I32", "I64")))
-        for part, want_shape, dtypes in wants:
+        dtypes = (("I32",), FLOAT_DTYPES, ("I32", "I64"))
+        wants = zip(int4.tensor_names(name), int4.stored_shapes(shape, group), dtypes)
+        for part, want_shape, allowed in wants:
             info = self.tensors.get(part)
             if info is None:
                 raise CheckpointError(f"{self.folder}: tensor {part} is missing (config.json {self.config.source} "
                                       f"stores routed experts as pack-quantized INT4)")
-            if info.shape != want_shape or info.dtype not in dtypes:
+            if info.shape != want_shape or info.dtype not in allowed:
                 raise CheckpointError(f"{info.path}: tensor {part} is {info.dtype}{list(info.shape)}; expected "
-                                      f"{' or '.join(dtypes)}{list(want_shape)} for {name}{list(shape)} in groups of "
+                                      f"{' or '.join(allowed)}{list(want_shape)} for {name}{list(shape)} in groups of "
                                       f"{group}")
         part = int4.tensor_names(name)[2]
         stored = self.raw(part).tolist()

@@ -341,8 +341,9 @@ def _int4_group(r: _Reader, q: dict) -> int:
         if not isinstance(weights, dict):
             r.fail(f"{at}.weights", f"must be an object, got {weights!r}")
         for field, want in INT4_WEIGHTS.items():
-            if weights.get(field, ARGS_DEFAULTS[field]) != want:
-                r.fail(f"{at}.weights.{field}", f"must be {json.dumps(want)}, got {json.dumps(weights.get(field, ARGS_DEFAULTS[field]))}")
+            got = weights.get(field, ARGS_DEFAULTS[field])
+            if got != want:
+                r.fail(f"{at}.weights.{field}", f"must be {json.dumps(want)}, got {json.dumps(got)}")
         size = weights.get("group_size")
         if size not in INT4_GROUP_SIZES:
             r.fail(f"{at}.weights.group_size", f"must be one of {', '.join(map(str, INT4_GROUP_SIZES))}, got {size!r}")
