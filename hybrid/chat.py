@@ -2,34 +2,46 @@
 
 Reads lines with prompt_toolkit when stdin is a terminal (line editing, history in the cache folder, Alt-Enter
 or Esc Enter for a new line, pasted blocks kept whole), plain lines otherwise. Streams the reply to stdout;
-tool calls, warnings and notices go to stderr. Ctrl-C during a reply stops it at the next token and keeps
-the session (a second Ctrl-C stops at once); Ctrl-C at the prompt clears the line; Ctrl-D leaves.
+tool calls, warnings and notices go to stderr. A thinking model's reasoning goes to stderr too, dimmed, before
+the answer (`/think` folds it into one "thought for N tokens" line and back). Ctrl-C during a reply stops it at
+the next token and keeps the session (a second Ctrl-C stops at once); Ctrl-C at the prompt clears the line;
+Ctrl-D leaves.
 """
 
 import signal
 import sys
 import unicodedata
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 from rich.markup import escape
+from rich.text import Text as Styled
 
 from hybrid.errors import HybridError
-from hybrid.generation.tools import Text, ToolCall, Warn
+from hybrid.generation.tools import Reasoning, Text, ToolCall, Warn
 
 HELP = """commands:
   /reset          start a new conversation (the system prompt stays)
   /system TEXT    set the system prompt (/system alone: show it; /system - : the template's default)
   /stats          speed of the last reply and cache use
+  /think          show a thinking model's reasoning, or fold it into one line (a toggle)
   /save FILE      write the conversation as JSON messages
   /exit           leave (Ctrl-D does too)
 Enter sends; Alt-Enter (or Esc then Enter) starts a new line; Ctrl-C stops a reply."""
 
 
-def run_chat(session, console, prompt: str | None = None, banner: str = "") -> int:
+@dataclass
+class View:
+    """How replies are shown (front-end settings the commands change)."""
+    show_reasoning: bool = True
+
+
+def run_chat(session, console, prompt: str | None = None, banner: str = "", view: View | None = None) -> int:
     """One turn for `prompt` (scripts), else the interactive loop. Returns the exit code."""
+    view = view or View()
     if prompt is not None:
         session.add_user(prompt)
-        return 0 if reply(session, console) is not None else 1
+        return 0 if reply(session, console, view) is not None else 1
     read = terminal_reader() if sys.stdin.isatty() else plain_reader
     if banner:
         say(console, f"[dim]{escape(banner)}[/dim]")
@@ -42,17 +54,17 @@ def run_chat(session, console, prompt: str | None = None, banner: str = "") -> i
         except EOFError:
             return 0
         if text.strip().startswith("/"):
-            if command(session, text.strip(), console) == "exit":
+            if command(session, text.strip(), console, view) == "exit":
                 return 0
         elif text.strip():
             session.add_user(text)
-            converse(session, console, read)
+            converse(session, console, read, view)
 
 
-def converse(session, console, read):
+def converse(session, console, read, view: View | None = None):
     """The model's reply, then as long as it calls tools: the results typed in, and its next reply."""
     while True:
-        calls = reply(session, console)
+        calls = reply(session, console, view)
         if calls is None:  # the reply could not start (context full): leave no question unanswered
             session.forget_unanswered()
             return
@@ -67,13 +79,18 @@ def converse(session, console, read):
             session.add_tool_result(call, result)
 
 
-def reply(session, console) -> list | None:
+def reply(session, console, view: View | None = None) -> list | None:
     """Stream one reply; returns its tool calls (empty when it made none or was stopped), None on an error."""
     out = sys.stdout
     calls = []
+    thought = Thought(session, console, view or View())
     try:
         with ctrl_c_flag() as stopped:
             for event in session.respond(cancel=stopped):
+                if isinstance(event, Reasoning):
+                    thought.show(event.text)
+                    continue
+                thought.end()
                 if isinstance(event, Text):
                     out.write(printable(event.text))
                     out.flush()
@@ -85,13 +102,16 @@ def reply(session, console) -> list | None:
                 elif isinstance(event, Warn):
                     say(console, f"[yellow]warning:[/yellow] {escape(event.message)}")
     except KeyboardInterrupt:
+        thought.end()
         out.write("\n")
         say(console, "[dim]\\[stopped][/dim]")
         return []
     except HybridError as e:
+        thought.end()
         out.write("\n")
         say(console, f"[bold red]error:[/bold red] {escape(str(e))}")
         return None
+    thought.end()
     out.write("\n")
     out.flush()
     reason = session.last.finish_reason
@@ -103,7 +123,31 @@ def reply(session, console) -> list | None:
     return calls
 
 
-def command(session, line: str, console) -> str | None:
+class Thought:
+    """A reply's reasoning on the console: streamed dimmed, or, folded, one line once it is over."""
+
+    def __init__(self, session, console, view: View):
+        self.session, self.console, self.view = session, console, view
+        self.started = self.ended = False
+
+    def show(self, text: str):
+        self.started = True
+        if self.view.show_reasoning:
+            self.console.print(Styled(printable(text), style="dim"), end="", highlight=False, soft_wrap=True)
+
+    def end(self):
+        """The reasoning is over (the answer began, or the reply ended): close its line once."""
+        if not self.started or self.ended:
+            return
+        self.ended = True
+        if self.view.show_reasoning:
+            self.console.print()
+        else:
+            say(self.console, f"[dim]thought for {self.session.reasoning_tokens} tokens (/think shows it)[/dim]")
+
+
+def command(session, line: str, console, view: View | None = None) -> str | None:
+    view = view if view is not None else View()
     name, _, arg = line.partition(" ")
     arg = arg.strip()
     if name in ("/exit", "/quit"):
@@ -120,6 +164,9 @@ def command(session, line: str, console) -> str | None:
         say(console, f"[dim]system prompt:[/dim] {escape(shown)}")
     elif name == "/stats":
         say(console, escape(stats_text(session.stats())))
+    elif name == "/think":
+        view.show_reasoning = not view.show_reasoning
+        say(console, f"[dim]reasoning {'shown' if view.show_reasoning else 'folded into one line'}[/dim]")
     elif name == "/save" and arg:
         try:
             n = session.save(arg)
@@ -138,8 +185,9 @@ def say(console, markup: str):
 
 
 def stats_text(s: dict) -> str:
+    reasoning = f" ({s['reasoning_tokens']} of them reasoning)" if s.get("reasoning_tokens") else ""
     return (f"last reply: {s['new_tokens']} prompt tokens prefilled at {s['prefill_tok_s']:.1f} tok/s "
-            f"({s['reused_tokens']} reused from the cache), {s['generated_tokens']} tokens decoded at "
+            f"({s['reused_tokens']} reused from the cache), {s['generated_tokens']} tokens decoded{reasoning} at "
             f"{s['decode_tok_s']:.1f} tok/s, finish: {s['finish_reason']}\n"
             f"cache: {s['cache_tokens']} of {s['cache_capacity']} positions "
             f"({100 * s['cache_tokens'] / s['cache_capacity']:.1f} %, {s['cache_mib']:.1f} MiB); "

@@ -49,6 +49,7 @@ class ChatTemplate:
         if "default" not in sources:
             raise ConfigError(f"{origin}: no 'default' chat template among {sorted(sources)}")
         self.origin, self.special_tokens = origin, dict(special_tokens or {})
+        self.sources = dict(sources)
         env = _environment()
         self._compiled = {}
         for name, source in sources.items():
@@ -61,6 +62,10 @@ class ChatTemplate:
     def from_file(cls, path, special_tokens=None) -> "ChatTemplate":
         path = Path(path)
         return cls({"default": path.read_text()}, str(path), special_tokens)
+
+    def mentions(self, text: str) -> bool:
+        """Whether the template's source writes `text` anywhere (`<think>`: the model reasons first)."""
+        return any(text in source for source in self.sources.values())
 
     def render(self, messages: list[dict], tools: list[dict] | None = None, add_generation_prompt: bool = True,
                **kwargs) -> str:

@@ -5,9 +5,10 @@ does not already hold: the longest common prefix of the cached tokens and the ne
 computed. So a reply costs its new tokens, not the history; a changed system prompt or a re-tokenised reply
 costs the tokens from the first difference on.
 
-The session yields a reply as events (hybrid.generation.tools: Text, ToolCall, Warn) while it streams, and appends the
-assistant message (OpenAI form: content and tool_calls) when the reply ends, whether it finished, hit a limit
-or was cancelled between two tokens. Library code: no printing, no terminal.
+The session yields a reply as events (hybrid.generation.tools: Text, ToolCall, Warn, and Reasoning for a thinking
+model) while it streams, and appends the assistant message (OpenAI form: content, tool_calls, and the reasoning
+as `reasoning_content`, which the template keeps or drops for later turns) when the reply ends, whether it
+finished, hit a limit or was cancelled between two tokens. Library code: no printing, no terminal.
 """
 
 import json
@@ -17,7 +18,8 @@ from pathlib import Path
 
 from hybrid.errors import GenerationError
 from hybrid.generation.generate import Stats, generate
-from hybrid.generation.tools import ToolCall, ToolCallStream, collect, load_tools
+from hybrid.generation.reasoning import prompt_opens_reasoning, reply_stream
+from hybrid.generation.tools import ToolCall, collect, load_tools
 
 
 @dataclass
@@ -30,6 +32,7 @@ class Turn:
     decode_s: float = 0.0
     finish_reason: str | None = None  # stop, length, tool_calls, interrupted
     n_tool_calls: int = 0
+    reasoning_tokens: int = 0  # generated while the reply was in its think block
 
 
 class ChatSession:
@@ -39,6 +42,8 @@ class ChatSession:
         self.runtime, self.model, self.tokenizer = runtime, runtime.model, runtime.tokenizer
         self.template = runtime.chat_template()
         self.params, self.stop_ids, self.tools = params, set(runtime.stop_ids), tools or None
+        self.thinking = runtime.thinking  # split the reasoning off each reply (hybrid.generation.reasoning)
+        self.reasoning_tokens = 0  # of the reply in progress, so far
         self.cache = runtime.new_cache(min(context or runtime.max_context, runtime.max_context))
         self.cached_ids: list[int] = []  # the tokens the cache holds, in order
         self.system = system or None
@@ -104,11 +109,15 @@ class ChatSession:
             raise GenerationError(f"context full: the conversation is {len(ids)} tokens, the cache holds "
                                   f"{self.cache.max_len}; /reset starts over")
         params = replace(self.params, max_new_tokens=min(self.params.max_new_tokens, room))
-        stats, stream, events, interrupted = Stats(), ToolCallStream(), [], False
+        opened = self.thinking and prompt_opens_reasoning(self.tokenizer, ids)
+        stats, stream, events, interrupted = Stats(), reply_stream(self.thinking, opened), [], False
+        self.reasoning_tokens = 0
         try:
             for step in generate(self.model, ids[keep:], params, self.stop_ids, stats, chunk=self.runtime.prefill_chunk,
                                  tokenizer=self.tokenizer, cache=self.cache):
-                for event in stream.push(step.text):
+                pushed = stream.push(step.text)
+                self.reasoning_tokens += getattr(stream, "reasoning", False)  # this token left it inside the block
+                for event in pushed:
                     events.append(event)
                     yield event
                 if step.finish_reason is None and cancel():
@@ -129,12 +138,14 @@ class ChatSession:
         """Append the assistant message the events make, and the turn's numbers."""
         reply = collect(events)
         message = {"role": "assistant", "content": reply.content}
+        if reply.reasoning:
+            message["reasoning_content"] = reply.reasoning
         if reply.tool_calls:
             message["tool_calls"] = [c.openai() for c in reply.tool_calls]
             reason = "tool_calls" if reason != "interrupted" else reason
         self.messages.append(message)
         self.last = Turn(len(ids) - keep, keep, stats.generated_tokens, stats.prefill_s, stats.decode_s, reason,
-                         len(reply.tool_calls))
+                         len(reply.tool_calls), self.reasoning_tokens)
 
     def _reuse(self, ids: list[int]) -> int:
         """Keep the cached prefix the new prompt shares (at least one prompt token must be fed, for logits)."""
@@ -154,7 +165,7 @@ class ChatSession:
         t, used = self.last, self.cache.length
         return {"new_tokens": t.new_tokens, "reused_tokens": t.reused_tokens,
                 "prefill_tok_s": t.new_tokens / t.prefill_s if t.prefill_s else 0.0,
-                "generated_tokens": t.generated_tokens,
+                "generated_tokens": t.generated_tokens, "reasoning_tokens": t.reasoning_tokens,
                 "decode_tok_s": t.generated_tokens / t.decode_s if t.decode_s else 0.0,
                 "finish_reason": t.finish_reason, "cache_tokens": used, "cache_capacity": self.cache.max_len,
                 "cache_mib": used * self.cache.nbytes / self.cache.max_len / 2**20,

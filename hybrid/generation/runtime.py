@@ -8,8 +8,9 @@ What a Runtime decides, each in one place:
   max_position_embeddings, capped at NO_PLAN_CONTEXT (that path is the plain fp32 torch model of tests and
   tiny checkpoints, not something to size for 256K positions);
 - prefill chunk: the plan's prefill_chunk, else generate.DEFAULT_PREFILL_CHUNK;
-- sampling defaults: generation_config.json's temperature/top_p/top_k (do_sample false: greedy), else K2's
-  0.6 for kimi_k2 checkpoints (a K2 GGUF: Unsloth's temperature 0.6, min_p 0.01); a request's or a flag's
+- whether the model thinks (writes a <think> block before its answer: hybrid.generation.reasoning.thinks);
+- sampling defaults: generation_config.json's temperature/top_p/top_k (do_sample false: greedy), else 1.0 for
+  a thinking model (K2-Thinking's recommendation) and K2's 0.6 for other kimi_k2 checkpoints (a K2 GGUF: Unsloth's temperature 0.6, min_p 0.01); a request's or a flag's
   values override them (`sampling`);
 - stop ids: the eos ids of config.json and generation_config.json, plus <|im_end|> when the tokenizer has it;
 - the attention device, where caches are built;
@@ -28,6 +29,7 @@ from hybrid.read.open import open_checkpoint
 from hybrid.read.config import read_json_object
 from hybrid.errors import ConfigError, GenerationError
 from hybrid.generation.generate import DEFAULT_PREFILL_CHUNK, new_cache
+from hybrid.generation.reasoning import thinks
 from hybrid.run.kv_cache import MLACache
 from hybrid.run.loader import cache_device, load_model
 from hybrid.generation.sampling import SamplingParams
@@ -36,6 +38,7 @@ from hybrid.generation.tokenizer import TiktokenTokenizer, Tokenizer
 
 NO_PLAN_CONTEXT = 16384
 K2_DEFAULT_TEMPERATURE = 0.6  # Moonshot's recommendation for Kimi-K2-Instruct
+THINKING_DEFAULT_TEMPERATURE = 1.0  # Moonshot's recommendation for Kimi-K2-Thinking
 UNSLOTH_K2_SAMPLING = {"temperature": 0.6, "min_p": 0.01}  # Unsloth's K2 GGUF card (GGUFs carry no generation config)
 
 
@@ -50,6 +53,7 @@ class Runtime:
     stop_ids: frozenset = frozenset()
     max_context: int = 0
     prefill_chunk: int = DEFAULT_PREFILL_CHUNK
+    thinking: bool = False  # the model writes <think>...</think> before its answer (hybrid.generation.reasoning)
 
     @property
     def config(self):
@@ -106,7 +110,7 @@ def open_runtime(folder, plan=None, store=None, progress=None, needs_chat: bool 
         tokenizer = Tokenizer.from_folder(folder)
         template = chat_template_for(folder, tokenizer, required=False) if tokenizer is not None else None
         generation = read_generation_config(folder)
-        sampling = default_sampling(generation, ckpt.config.model_type)
+        sampling = default_sampling(generation, ckpt.config.model_type, thinks(template, tokenizer))
     if needs_chat:
         require_chat(folder, tokenizer, template)  # its one line before minutes of loading
     model = load_model(ckpt, plan=plan, store=store, progress=progress)
@@ -118,7 +122,7 @@ def open_runtime(folder, plan=None, store=None, progress=None, needs_chat: bool 
     else:
         max_context, chunk = min(cfg.max_position_embeddings, NO_PLAN_CONTEXT), DEFAULT_PREFILL_CHUNK
     return Runtime(folder, model, plan, tokenizer, template, sampling,
-                   frozenset(stop_ids(generation, cfg, tokenizer)), max_context, chunk)
+                   frozenset(stop_ids(generation, cfg, tokenizer)), max_context, chunk, thinks(template, tokenizer))
 
 
 def gguf_chat_parts(ckpt: GGUFCheckpoint) -> tuple[Tokenizer | None, ChatTemplate | None, dict]:
@@ -177,10 +181,13 @@ def read_generation_config(folder) -> dict:
     return read_json_object(Path(folder) / "generation_config.json", missing_ok=True)
 
 
-def default_sampling(generation: dict, model_type: str) -> dict:
-    """Sampling defaults: generation_config.json's temperature/top_p/top_k when it sets them, else K2's 0.6."""
+def default_sampling(generation: dict, model_type: str, thinking: bool = False) -> dict:
+    """Sampling defaults: generation_config.json's temperature/top_p/top_k when it sets them, else 1.0 for a
+    thinking model and K2's 0.6 for other kimi_k2 checkpoints."""
     out = {k: generation[k] for k in ("temperature", "top_p", "top_k")
            if isinstance(generation.get(k), (int, float)) and not isinstance(generation.get(k), bool)}
+    if "temperature" not in out and thinking:
+        out["temperature"] = THINKING_DEFAULT_TEMPERATURE
     if "temperature" not in out and model_type == "kimi_k2":
         out["temperature"] = K2_DEFAULT_TEMPERATURE
     if generation.get("do_sample") is False:

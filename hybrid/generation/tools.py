@@ -43,6 +43,11 @@ class Text:
 
 
 @dataclass(frozen=True)
+class Reasoning:
+    text: str  # a thinking model's reasoning (hybrid.generation.reasoning), never part of the content
+
+
+@dataclass(frozen=True)
 class Warn:
     message: str
 
@@ -59,10 +64,12 @@ class ToolCall:
 
 @dataclass
 class Reply:
-    """A whole reply parsed: the text around the sections, the calls, and what was malformed."""
+    """A whole reply parsed: the text around the sections, the calls, and what was malformed (and a thinking
+    model's reasoning)."""
     content: str
     tool_calls: list[ToolCall]
     warnings: list[str]
+    reasoning: str = ""
 
 
 class ToolCallStream:
@@ -97,7 +104,7 @@ class ToolCallStream:
         if not self._in_section:
             at = self._buf.find(SECTION_BEGIN)
             if at < 0:
-                keep = _partial_suffix(self._buf, (SECTION_BEGIN,))
+                keep = partial_suffix(self._buf, (SECTION_BEGIN,))
                 _emit_text(events, self._buf[:len(self._buf) - keep])
                 self._buf = self._buf[len(self._buf) - keep:]
                 return False
@@ -170,6 +177,8 @@ def collect(events) -> Reply:
     for e in events:
         if isinstance(e, Text):
             reply.content += e.text
+        elif isinstance(e, Reasoning):
+            reply.reasoning += e.text
         elif isinstance(e, ToolCall):
             reply.tool_calls.append(e)
         else:
@@ -201,7 +210,7 @@ def load_tools(path) -> list[dict]:
     return tools
 
 
-def _partial_suffix(text: str, markers) -> int:
+def partial_suffix(text: str, markers) -> int:
     """Length of the longest end of `text` that is a proper beginning of one of the markers."""
     best = 0
     for m in markers:

@@ -1,4 +1,8 @@
-"""OpenAI wire format: /v1/models, /v1/chat/completions and /v1/completions, plain JSON or SSE chunks."""
+"""OpenAI wire format: /v1/models, /v1/chat/completions and /v1/completions, plain JSON or SSE chunks.
+
+A thinking model's reasoning comes apart from the content as vLLM and SGLang return it: `message.reasoning_content`
+(null when the reply had none), `delta.reasoning_content` chunks before the content's; an earlier assistant turn's
+`reasoning_content` (or `reasoning`) sent back goes to the chat template, which keeps or drops it."""
 
 import json
 import time
@@ -8,8 +12,8 @@ from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
 from hybrid.server.schemas import ChatRequest, CompletionRequest
-from hybrid.server.service import ReplySplitter, ServeError, error_events, forced_prefix
-from hybrid.generation.tools import Text, ToolCall
+from hybrid.server.service import ServeError, error_events, forced_prefix
+from hybrid.generation.tools import Reasoning, Text, ToolCall
 
 router = APIRouter()
 
@@ -31,6 +35,9 @@ def messages_of(req: ChatRequest) -> list[dict]:
         for key in ("name", "tool_call_id"):
             if getattr(m, key) is not None:
                 d[key] = getattr(m, key)
+        reasoning = m.reasoning_content if m.reasoning_content is not None else m.reasoning
+        if m.role == "assistant" and reasoning:
+            d["reasoning_content"] = reasoning
         if m.tool_calls is not None:
             d["tool_calls"] = [c.model_dump(exclude_unset=True) for c in m.tool_calls]
         out.append(d)
@@ -82,7 +89,7 @@ async def chat_completions(body: ChatRequest, request: Request):
     ids = svc.prompt(messages_of(body), tools, prefix)
     params = svc.params(len(ids), body.max_completion_tokens or body.max_tokens, **sampling_of(body))
     stop = [body.stop] if isinstance(body.stop, str) else (body.stop or [])
-    splitter = ReplySplitter(parse=bool(tools), prefix=prefix)
+    splitter = svc.splitter(ids, parse=bool(tools), prefix=prefix)
     head = {"id": f"chatcmpl-{uuid.uuid4().hex[:24]}", "created": int(time.time()), "model": model}
     steps = await svc.run(ids, params, stop, request, ignore_eos=body.ignore_eos)
     if body.stream:
@@ -92,6 +99,8 @@ async def chat_completions(body: ChatRequest, request: Request):
     n, reason = await splitter.consume(steps)
     out = splitter.outcome
     message = {"role": "assistant", "content": out.content or (None if out.tool_calls else "")}
+    if svc.thinking:
+        message["reasoning_content"] = out.reasoning or None
     if out.tool_calls:
         message["tool_calls"] = [c.openai() for c in out.tool_calls]
         reason = "tool_calls"
@@ -112,6 +121,8 @@ async def _chat_chunks(steps, splitter, head, n_prompt, include_usage):
         for event in splitter.push(step.text, final=bool(step.finish_reason)):
             if isinstance(event, Text) and event.text:
                 yield chunk({"content": event.text})
+            elif isinstance(event, Reasoning) and event.text:
+                yield chunk({"reasoning_content": event.text})
             elif isinstance(event, ToolCall):
                 yield chunk({"tool_calls": [{"index": calls, **event.openai()}]})
                 calls += 1

@@ -46,6 +46,8 @@ class ChatMessage(Loose):
     name: str | None = None
     tool_calls: list[ToolCallIn] | None = None
     tool_call_id: str | None = None
+    reasoning_content: str | None = None  # an earlier assistant turn's reasoning (vLLM's and SGLang's field)
+    reasoning: str | None = None  # the same, as newer vLLM and OpenRouter name it
 
 
 class StreamOptions(Loose):

@@ -1,7 +1,7 @@
 """What both wire formats share: prompts from messages through the checkpoint's chat template, sampling
 parameters within the server's limits, requests run through the engine (awaited from asyncio, cancelled when
-the client goes away), K2's output split into text and tool calls, the model names it answers to, and the
-counters /metrics shows.
+the client goes away), K2's output split into reasoning (a thinking model's), text and tool calls, the model
+names it answers to, and the counters /metrics shows.
 
 A request's errors reach its client in that API's shape: raised as ServeError before the first token (so the
 client gets an HTTP status: `Service.run` waits for the first step before a response starts), and as one
@@ -16,8 +16,9 @@ from dataclasses import dataclass, field
 
 from hybrid.generation.engine import Engine, Request
 from hybrid.errors import EngineError, GenerationError
+from hybrid.generation.reasoning import prompt_opens_reasoning, reply_stream
 from hybrid.generation.sampling import SamplingParams
-from hybrid.generation.tools import ARGUMENT_BEGIN, CALL_BEGIN, SECTION_BEGIN, Text, ToolCall, ToolCallStream, Warn
+from hybrid.generation.tools import ARGUMENT_BEGIN, CALL_BEGIN, SECTION_BEGIN, Reasoning, Text, ToolCall, Warn
 from hybrid.server.observe import trace_of
 
 RATE_WINDOW_S = 60.0
@@ -48,6 +49,7 @@ class Outcome:
     """One finished generation, split into what the client sees."""
 
     content: str = ""
+    reasoning: str = ""  # a thinking model's think block (OpenAI's reasoning_content, Anthropic's thinking)
     tool_calls: list[ToolCall] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     finish_reason: str = "stop"
@@ -90,6 +92,7 @@ class Service:
                              max_context=min(max_context or runtime.max_context, runtime.max_context),
                              prefill_chunk=runtime.prefill_chunk, device=runtime.device)
         self.stop_ids = runtime.stop_ids
+        self.thinking = runtime.thinking  # replies start with a think block, returned apart from the content
         self.counters = Counters()
         self.created = int(time.time())
 
@@ -122,6 +125,12 @@ class Service:
             return self.template.encode(self.tokenizer, messages, tools=tools, suffix=prefix)
         except GenerationError as e:
             raise ServeError(400, str(e).replace(self.template.origin, "server"), "messages") from None
+
+    def splitter(self, ids: list[int], parse: bool, prefix=()) -> "ReplySplitter":
+        """The splitter for a reply to prompt `ids` (prefix's parts included): tool calls parsed when `parse`,
+        and for a thinking model the reasoning split off, from the start when the prompt opened the block."""
+        opened = self.thinking and prompt_opens_reasoning(self.tokenizer, ids)
+        return ReplySplitter(parse, prefix, self.thinking, opened)
 
     def params(self, n_prompt: int, max_tokens=None, **sampling) -> SamplingParams:
         """The request's SamplingParams: its temperature, top_p, top_k, min_p and seed (None: not sent) over
@@ -277,13 +286,15 @@ def forced_prefix(tool_choice, tools) -> tuple[str, ...]:
 
 
 class ReplySplitter:
-    """K2's streamed text -> text pieces and tool calls as they complete (parse=False: all text)."""
+    """K2's streamed text -> reasoning (thinking models), text pieces and tool calls as they complete
+    (parse=False: no tool calls, all text)."""
 
-    def __init__(self, parse: bool, prefix=()):
-        """prefix: the forced call's text the model continues (forced_prefix's parts, or one string)."""
-        self.stream = ToolCallStream() if parse else None
+    def __init__(self, parse: bool, prefix=(), thinking: bool = False, opened: bool = False):
+        """prefix: the forced call's text the model continues (forced_prefix's parts, or one string);
+        thinking, opened: hybrid.generation.reasoning.reply_stream's."""
+        self.stream = reply_stream(thinking, opened, tools=parse)
         self.outcome = Outcome()
-        if prefix and self.stream is not None:
+        if prefix and parse:
             self.stream.push("".join(prefix))
 
     async def consume(self, steps) -> tuple[int, str]:
@@ -296,13 +307,12 @@ class ReplySplitter:
         return n, reason
 
     def push(self, text: str, final: bool = False) -> list:
-        if self.stream is None:
-            events = [Text(text)] if text else []
-        else:
-            events = self.stream.push(text) + (self.stream.finish() if final else [])
+        events = self.stream.push(text) + (self.stream.finish() if final else [])
         for e in events:
             if isinstance(e, Text):
                 self.outcome.content += e.text
+            elif isinstance(e, Reasoning):
+                self.outcome.reasoning += e.text
             elif isinstance(e, ToolCall):
                 self.outcome.tool_calls.append(e)
             elif isinstance(e, Warn):
