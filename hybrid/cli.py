@@ -86,9 +86,12 @@ def cli():
               help="Folder with K2's tiktoken.model and tokenizer_config.json (vocab becomes K2's 163840).")
 @click.option("--shape", type=click.Choice(["tiny", "kimi-k2"]), default="tiny", show_default=True,
               help="kimi-k2: K2's true widths (hidden 7168, 64 heads, experts 2048 wide); --hidden is ignored.")
+@click.option("--k2-thinking", is_flag=True,
+              help="Kimi-K2-Thinking's layout: routed experts pack-quantized INT4 (group 32), the rest bf16, its "
+                   "<think> tokens and a thinking chat template.")
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
 def make_tiny_cmd(out, fp8, layers, dense_layers, experts, top_k, hidden, n_group, topk_group, seed,
-                  tokenizer_from, shape, overwrite):
+                  tokenizer_from, shape, k2_thinking, overwrite):
     """Write a random-weight checkpoint in Kimi-K2-Instruct-0905's exact on-disk layout."""
     from hybrid.read.tiny import K2_WIDTHS, TinySpec, make_tiny
 
@@ -96,9 +99,11 @@ def make_tiny_cmd(out, fp8, layers, dense_layers, experts, top_k, hidden, n_grou
         raise click.UsageError(f"{out} exists and is not empty; add --overwrite to replace it")
     widths = K2_WIDTHS if shape == "kimi-k2" else {"hidden": hidden}
     spec = TinySpec(layers=layers, dense_layers=dense_layers, experts=experts, top_k=top_k, n_group=n_group,
-                    topk_group=topk_group, seed=seed, fp8=fp8, tokenizer_from=tokenizer_from, **widths)
+                    topk_group=topk_group, seed=seed, fp8=fp8 and not k2_thinking, tokenizer_from=tokenizer_from,
+                    int4=k2_thinking, thinking=k2_thinking, **widths)
     path = make_tiny(out, spec, overwrite=overwrite)
-    err.print(f"wrote {path} ({'block-FP8' if fp8 else 'bf16'}, {layers} layers, {experts} experts, top-{top_k})")
+    weights = "INT4 experts, bf16" if k2_thinking else "block-FP8" if fp8 else "bf16"
+    err.print(f"wrote {path} ({weights}, {layers} layers, {experts} experts, top-{top_k})")
 
 
 @cli.command()
