@@ -337,3 +337,41 @@ def test_anthropic_client_reads_thinking_blocks(served):
     r = a.messages.create(model="thinker", max_tokens=100, tools=tools, messages=history)
     assert [b.type for b in r.content] == ["text"] and r.content[0].text == "Fine."  # no <think>: all content
     assert "<think>Weather.</think><|tool_calls_section_begin|>" in svc.tokenizer.decode(prompts[-1])
+
+
+def test_chat_page_shows_reasoning_folded_and_sends_it_back(served):
+    """The chat page in a real browser: the think block streams into a <details> that folds when the answer
+    starts, the answer stays apart, and the next turn sends the reasoning back as reasoning_content."""
+    from playwright.sync_api import expect
+    from test_server_ops import CHROMIUM, browser
+
+    server, script, _, _ = served
+    with browser() as p:
+        chromium = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--headless=new"])
+        try:
+            page = chromium.new_page()
+            errors, sent = [], []
+            page.on("pageerror", lambda e: errors.append(str(e)))
+            page.on("request", lambda r: sent.append(r.post_data_json) if r.url.endswith("/chat/completions")
+                    else None)
+            page.goto(server.url + "/")
+            expect(page.locator("#model")).to_have_text("thinker")
+            script.say("<think>They greet me.</think>\n\nHello there!")
+            page.fill("#input", "Hello")
+            page.press("#input", "Enter")
+            expect(page.locator(".turn.assistant:not(.streaming)")).to_have_count(1, timeout=30_000)
+            thought = page.locator(".turn.assistant details.thinking")
+            expect(thought).to_have_count(1)
+            assert thought.evaluate("d => d.open") is False
+            assert thought.locator("summary").inner_text() == "Thought"
+            assert thought.locator("div").text_content() == "They greet me."
+            assert page.locator(".turn.assistant > span").text_content() == "Hello there!"
+            script.say("Fine.")
+            page.fill("#input", "How are you?")
+            page.press("#input", "Enter")
+            expect(page.locator(".turn.assistant:not(.streaming)")).to_have_count(2, timeout=30_000)
+            assert not errors, errors
+        finally:
+            chromium.close()
+    first = sent[1]["messages"][1]
+    assert first == {"role": "assistant", "content": "Hello there!", "reasoning_content": "They greet me."}
