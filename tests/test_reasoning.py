@@ -16,11 +16,11 @@ from hybrid.generation.chat_template import k2_template, load_chat_template
 from hybrid.generation.reasoning import (PlainStream, ReasoningStream, prompt_opens_reasoning, reply_stream,
                                          thinks)
 from hybrid.generation.conversation import ChatSession
-from hybrid.generation.generate import Step
 from hybrid.generation.runtime import open_runtime
 from hybrid.generation.tokenizer import Tokenizer
 from hybrid.generation.tools import Reasoning, Reply, Text, ToolCall, ToolCallStream, collect
 from hybrid.read.tiny import TinySpec, make_tiny
+from test_chat import scripted  # generate() replaced by replies streamed in 3-character steps
 
 CALL = ("<|tool_calls_section_begin|><|tool_call_begin|>functions.get_weather:0<|tool_call_argument_begin|>"
         '{"city": "Paris"}<|tool_call_end|><|tool_calls_section_end|>')
@@ -177,23 +177,9 @@ def thinker(tmp_path_factory):
     return open_runtime(folder)
 
 
-def scripted_generate(*replies):
-    """A stand-in for generate() in the chat session: each call streams the next reply in 3-character steps
-    (the session's own part, splitting them, is what is tested)."""
-    replies = list(replies)
-
-    def fake_generate(model, ids, params, stop_ids, stats, chunk=None, tokenizer=None, cache=None):
-        text = replies.pop(0)
-        pieces = [text[i:i + 3] for i in range(0, len(text), 3)]
-        stats.prompt_tokens, stats.generated_tokens, stats.finish_reason = len(ids), len(pieces), "stop"
-        for i, piece in enumerate(pieces):
-            yield Step(0, "stop" if i == len(pieces) - 1 else None, piece)
-    return fake_generate
-
-
 def test_chat_session_keeps_reasoning_for_the_template(thinker, monkeypatch):
     assert thinker.thinking and thinker.sampling_defaults["temperature"] == 1.0  # K2-Thinking's recommendation
-    monkeypatch.setattr(conversation, "generate", scripted_generate("<think>They greet me.</think>\n\nHello!",
+    monkeypatch.setattr(conversation, "generate", scripted("<think>They greet me.</think>\n\nHello!",
                                                                     "<think>Again."))
     s = ChatSession.open(thinker, max_new_tokens=50)
     s.add_user("Hi")
@@ -211,7 +197,7 @@ def test_chat_session_keeps_reasoning_for_the_template(thinker, monkeypatch):
 def test_chat_front_end_shows_reasoning_dimmed_and_folds_it_with_think(thinker, monkeypatch, capsys):
     from rich.console import Console
 
-    monkeypatch.setattr(conversation, "generate", scripted_generate("<think>Greeting.</think>Hello!",
+    monkeypatch.setattr(conversation, "generate", scripted("<think>Greeting.</think>Hello!",
                                                                     "<think>Second thought.</think>Bye!"))
     s = ChatSession.open(thinker, max_new_tokens=50)
     monkeypatch.setattr(sys, "stdin", io.StringIO("Hi\n/think\nBye\n/stats\n/exit\n"))
@@ -343,35 +329,25 @@ def test_chat_page_shows_reasoning_folded_and_sends_it_back(served):
     """The chat page in a real browser: the think block streams into a <details> that folds when the answer
     starts, the answer stays apart, and the next turn sends the reasoning back as reasoning_content."""
     from playwright.sync_api import expect
-    from test_server_ops import CHROMIUM, browser
+    from test_server_ops import chat_page
 
     server, script, _, _ = served
-    with browser() as p:
-        chromium = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--headless=new"])
-        try:
-            page = chromium.new_page()
-            errors, sent = [], []
-            page.on("pageerror", lambda e: errors.append(str(e)))
-            page.on("request", lambda r: sent.append(r.post_data_json) if r.url.endswith("/chat/completions")
-                    else None)
-            page.goto(server.url + "/")
-            expect(page.locator("#model")).to_have_text("thinker")
-            script.say("<think>They greet me.</think>\n\nHello there!")
-            page.fill("#input", "Hello")
-            page.press("#input", "Enter")
-            expect(page.locator(".turn.assistant:not(.streaming)")).to_have_count(1, timeout=30_000)
-            thought = page.locator(".turn.assistant details.thinking")
-            expect(thought).to_have_count(1)
-            assert thought.evaluate("d => d.open") is False
-            assert thought.locator("summary").inner_text() == "Thought"
-            assert thought.locator("div").text_content() == "They greet me."
-            assert page.locator(".turn.assistant > span").text_content() == "Hello there!"
-            script.say("Fine.")
-            page.fill("#input", "How are you?")
-            page.press("#input", "Enter")
-            expect(page.locator(".turn.assistant:not(.streaming)")).to_have_count(2, timeout=30_000)
-            assert not errors, errors
-        finally:
-            chromium.close()
+    with chat_page(server) as (page, errors, sent):
+        expect(page.locator("#model")).to_have_text("thinker")
+        script.say("<think>They greet me.</think>\n\nHello there!")
+        page.fill("#input", "Hello")
+        page.press("#input", "Enter")
+        expect(page.locator(".turn.assistant:not(.streaming)")).to_have_count(1, timeout=30_000)
+        thought = page.locator(".turn.assistant details.thinking")
+        expect(thought).to_have_count(1)
+        assert thought.evaluate("d => d.open") is False
+        assert thought.locator("summary").inner_text() == "Thought"
+        assert thought.locator("div").text_content() == "They greet me."
+        assert page.locator(".turn.assistant > span").text_content() == "Hello there!"
+        script.say("Fine.")
+        page.fill("#input", "How are you?")
+        page.press("#input", "Enter")
+        expect(page.locator(".turn.assistant:not(.streaming)")).to_have_count(2, timeout=30_000)
+        assert not errors, errors
     first = sent[1]["messages"][1]
     assert first == {"role": "assistant", "content": "Hello there!", "reasoning_content": "They greet me."}

@@ -2,6 +2,7 @@
 line per request, /metrics as Prometheus parses it, /health and the chat page open without the key, the chat
 page driven in a real headless browser, and `hybrid serve`'s bad flags refused before the model loads."""
 
+import contextlib
 import json
 import logging
 import os
@@ -140,11 +141,9 @@ def browser():
     return sync_playwright()
 
 
-def test_chat_page_in_a_headless_browser(server):
-    """Ask for the key, stream a reply into the page, and keep the conversation for a second turn. The tiny
-    model's replies are noise: the test asserts their structure, not their words."""
-    from playwright.sync_api import expect
-
+@contextlib.contextmanager
+def chat_page(server):
+    """The chat page of `server` open in headless chromium: (page, script errors, chat request bodies sent)."""
     with browser() as p:
         chromium = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--headless=new"])
         try:
@@ -154,29 +153,38 @@ def test_chat_page_in_a_headless_browser(server):
             page.on("request", lambda r: sent.append(r.post_data_json) if r.url.endswith("/chat/completions")
                     else None)
             page.goto(server.url + "/")
-            page.fill("#key", "wrong")
-            page.click("#key-form button")
-            expect(page.locator("#key-error")).to_have_text("that key was refused")
-            page.fill("#key", KEY)
-            page.click("#key-form button")
-            expect(page.locator("#model")).to_have_text("kimi")
-            page.click("summary")
-            page.fill("#max-tokens", "12")
-            page.fill("#temperature", "0")
-            page.evaluate(WATCH_REPLY)
-            page.fill("#input", "Hello")
-            page.press("#input", "Enter")
-            expect(page.locator(".turn.assistant:not(.streaming)")).to_have_count(1, timeout=30_000)
-            assert len(page.evaluate("window.shown")) >= 2, "the reply appeared all at once, not streamed"
-            page.fill("#input", "And again?")
-            page.click("#send")
-            expect(page.locator(".turn.assistant:not(.streaming)")).to_have_count(2, timeout=30_000)
-            assert page.locator(".turn.user").all_inner_texts() == ["Hello", "And again?"]
-            replies = page.locator(".turn.assistant").all_text_contents()
-            assert len(replies) == 2 and all(r.strip() for r in replies), replies
-            assert page.locator("#log .error").count() == 0 and not errors, errors
+            yield page, errors, sent
         finally:
             chromium.close()
+
+
+def test_chat_page_in_a_headless_browser(server):
+    """Ask for the key, stream a reply into the page, and keep the conversation for a second turn. The tiny
+    model's replies are noise: the test asserts their structure, not their words."""
+    from playwright.sync_api import expect
+
+    with chat_page(server) as (page, errors, sent):
+        page.fill("#key", "wrong")
+        page.click("#key-form button")
+        expect(page.locator("#key-error")).to_have_text("that key was refused")
+        page.fill("#key", KEY)
+        page.click("#key-form button")
+        expect(page.locator("#model")).to_have_text("kimi")
+        page.click("summary")
+        page.fill("#max-tokens", "12")
+        page.fill("#temperature", "0")
+        page.evaluate(WATCH_REPLY)
+        page.fill("#input", "Hello")
+        page.press("#input", "Enter")
+        expect(page.locator(".turn.assistant:not(.streaming)")).to_have_count(1, timeout=30_000)
+        assert len(page.evaluate("window.shown")) >= 2, "the reply appeared all at once, not streamed"
+        page.fill("#input", "And again?")
+        page.click("#send")
+        expect(page.locator(".turn.assistant:not(.streaming)")).to_have_count(2, timeout=30_000)
+        assert page.locator(".turn.user").all_inner_texts() == ["Hello", "And again?"]
+        replies = page.locator(".turn.assistant").all_text_contents()
+        assert len(replies) == 2 and all(r.strip() for r in replies), replies
+        assert page.locator("#log .error").count() == 0 and not errors, errors
     assert [m["role"] for m in sent[1]["messages"]] == ["user", "assistant", "user"]  # the first turn went along
     assert sent[1]["messages"][1]["content"] == replies[0] and sent[1]["stream"] is True
 

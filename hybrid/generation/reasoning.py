@@ -22,7 +22,7 @@ or the tokenizer has it as a token. For any other model `reply_stream` gives the
 output of K2-Instruct is parsed exactly as before.
 """
 
-from hybrid.generation.tools import SECTION_BEGIN, Reasoning, Text, ToolCallStream, partial_suffix
+from hybrid.generation.tools import SECTION_BEGIN, EventStream, Reasoning, Text, ToolCallStream, partial_suffix
 
 THINK_OPEN = "<think>"
 THINK_CLOSE = "</think>"
@@ -39,7 +39,7 @@ class PlainStream:
         return []
 
 
-class ReasoningStream:
+class ReasoningStream(EventStream):
     def __init__(self, content, opened: bool = False):
         """content: the stream the answer goes to (ToolCallStream or PlainStream); opened: the prompt ends inside
         an open think block."""
@@ -52,14 +52,6 @@ class ReasoningStream:
     def reasoning(self) -> bool:
         """Whether the reply is (still, or possibly about to be) in its reasoning."""
         return self.state != "content"
-
-    def push(self, text: str) -> list:
-        """Feed the next piece of the reply; returns the events it completes."""
-        self._buf += text
-        events = []
-        while self._step(events):
-            pass
-        return events
 
     def finish(self) -> list:
         """At the end of the reply: what is held back (an unclosed think block is all reasoning), then the

@@ -72,10 +72,10 @@ class Reply:
     reasoning: str = ""
 
 
-class ToolCallStream:
-    def __init__(self):
-        self._buf = ""
-        self._in_section = False
+class EventStream:
+    """Text fed in pieces into `_buf`; `_step(events)` consumes what the buffer decides, False when it needs more."""
+
+    _buf = ""
 
     def push(self, text: str) -> list:
         """Feed the next piece of the reply; returns the events it completes."""
@@ -84,6 +84,15 @@ class ToolCallStream:
         while self._step(events):
             pass
         return events
+
+    def _step(self, events: list) -> bool:
+        raise NotImplementedError
+
+
+class ToolCallStream(EventStream):
+    def __init__(self):
+        self._buf = ""
+        self._in_section = False
 
     def finish(self) -> list:
         """At the end of the reply: whatever is held back, and a warning if a section is still open."""
