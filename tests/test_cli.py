@@ -32,7 +32,8 @@ def test_make_tiny_then_generate_json(tmp_path):
 
 
 def test_prompt_text_goes_through_the_tokenizer(k2_tiny):
-    r = run("generate", k2_tiny, "--prompt", "Hi<|im_end|>", "--max-new-tokens", 3, "--json")
+    # seeded: unseeded sampling at K2's 0.6 sometimes drew an end-of-sequence id first (fewer than 3 tokens)
+    r = run("generate", k2_tiny, "--prompt", "Hi<|im_end|>", "--max-new-tokens", 3, "--seed", 0, "--json")
     assert r.returncode == 0, r.stderr
     result = json.loads(r.stdout)
     # The tiny byte-level vocabulary; a special token written in the prompt is text (--allow-special: see
