@@ -175,11 +175,21 @@ def generate(model, prompt, prompt_ids, allow_special, plan_file, store, as_json
               help="Check this plan file against MODEL and the machine, as the runtime will.")
 @click.option("--from-ktransformers", type=click.Path(exists=True, dir_okay=False),
               help="Translate their rule file (written with -o even when it does not fit, to edit).")
+@click.option("--cluster", help="Past one machine: NODESxGPUSxTYPE (2x8xH200), GPUSxTYPE (8xH100) or a cluster YAML; "
+              "says how vLLM and SGLang fit MODEL and prints their launch commands.")
+@click.option("--served-model-name", help="With --cluster: the model name the engines serve (default: the name "
+              "hybrid serve gives it).")
 @click.option("--json", "as_json", is_flag=True)
-def plan(model, output, hardware, check_file, from_ktransformers, as_json, **flags):
-    """Plan MODEL (a preset such as kimi-k2-instruct-0905, or a checkpoint folder) for a machine."""
+def plan(model, output, hardware, check_file, from_ktransformers, as_json, cluster, served_model_name, **flags):
+    """Plan MODEL (a preset such as kimi-k2-instruct-0905, or a checkpoint folder) for a machine, or with
+    --cluster for vLLM and SGLang across GPUs and nodes."""
     from placement.api import plan_command
 
+    if cluster:
+        return plan_cluster(model, cluster, served_model_name, as_json, output, hardware, check_file,
+                            from_ktransformers, flags)
+    if served_model_name:
+        raise click.UsageError("--served-model-name goes with --cluster (hybrid serve takes its own)")
     result, notes = plan_command(model, hardware, check_file, from_ktransformers, output, flags)
     if as_json:
         from placement.report import plan_dict
@@ -193,6 +203,40 @@ def plan(model, output, hardware, check_file, from_ktransformers, as_json, **fla
         err.print(f"[yellow]note:[/yellow] {escape(note)}")
     if output:
         err.print(f"wrote {output}")
+
+
+# What a single-machine plan reads that a cluster plan has no use for; --ram, --cores and --numa-nodes describe each
+# node (kt-kernel's CPU experts), --context sizes the cache.
+CLUSTER_REFUSES = {"gpu": "--gpu", "gpu_memory": "--gpu-memory", "memory": "--memory", "ram_bandwidth":
+                   "--ram-bandwidth", "disk_bandwidth": "--disk-bandwidth", "expert_format": "--experts",
+                   "gpu_expert_layers": "--gpu-expert-layers", "routing_stats": "--routing-stats",
+                   "allow_disk": "--allow-disk"}
+
+
+def plan_cluster(model, cluster, served_model_name, as_json, output, hardware, check_file, from_ktransformers, flags):
+    from hybrid.errors import PlanError
+    from placement.api import cluster_command
+    from placement.report import cluster_commands, cluster_dict, cluster_table
+
+    given = [name for name, value in (("-o", output), ("--hardware", hardware), ("--check", check_file),
+                                      ("--from-ktransformers", from_ktransformers)) if value]
+    given += [flag for key, flag in CLUSTER_REFUSES.items() if flags.get(key)]
+    if flags.get("batch", 1) != 1:
+        given.append("--batch")
+    if given:
+        raise click.UsageError(f"{given[0]} plans one machine; --cluster takes --context, --ram, --cores, "
+                               "--numa-nodes, --served-model-name and --json (the node's GPUs are in the cluster)")
+    plan = cluster_command(model, cluster, flags.get("context"), served_model_name, flags.get("ram"),
+                           flags.get("cores"), flags.get("numa_nodes"))
+    if as_json:
+        click.echo(json.dumps(cluster_dict(plan), indent=2))
+    else:
+        Console().print(cluster_table(plan))
+        click.echo(cluster_commands(plan))
+        for note in plan.notes:
+            err.print(f"[yellow]note:[/yellow] {escape(note)}")
+    if not plan.fits:
+        raise PlanError(plan.refusal())
 
 
 @cli.command()

@@ -1,10 +1,14 @@
 """What `hybrid plan` does, callable without a terminal: make, check or translate a plan, and save it."""
 
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 from hybrid.errors import PlanError
+from placement import presets
+from placement.cluster import (ENGINE_NAMES, SGLANG_KT, Cluster, Layout, checkpoint_gib, layouts, parse_cluster,
+                               smallest_fit)
 from placement.hardware import Hardware
 from placement.ktransformers import translate
+from placement.launch import Command, Target, commands as launch_commands, target
 from placement.memory import GIB, default_expert_format, largest_chunk
 from placement.plan import Architecture, Plan, Settings
 from placement.plan_file import load_plan, save_plan
@@ -68,3 +72,68 @@ def _header(result: PlanResult, hw: Hardware) -> str:
     p = result.projection
     return (f"planned for {hw.gpu.name if hw.gpu else 'no GPU'}, {hw.ram_gib:.0f} GiB RAM, {hw.cores} cores; "
             f"projected decode {p.decode_tps:.1f} tok/s, prefill {p.prefill_tps:.1f} tok/s")
+
+
+# A cluster is planned for 128K tokens unless told otherwise: the context Moonshot's deployment guide sizes K2 for.
+CLUSTER_CONTEXT = 131072
+
+
+@dataclass(frozen=True)
+class ClusterPlan:
+    """`hybrid plan MODEL --cluster ...`: every engine layout for the cluster, fitting or not, and the commands that
+    start the ones that fit."""
+    model: str
+    cluster: Cluster
+    context: int
+    target: Target
+    checkpoint_gib: float
+    cache_kib_per_token: float
+    layouts: tuple[Layout, ...]
+    commands: tuple[Command, ...]
+    notes: tuple[str, ...]
+    suggestion: Cluster | None  # the fewest such nodes that fit, when nothing fits this cluster
+
+    @property
+    def fits(self) -> bool:
+        return any(layout.fits for layout in self.layouts)
+
+    def refusal(self) -> str:
+        """One line with the numbers of the closest layout, and what would fit."""
+        best = max(self.layouts, key=lambda layout: (layout.weights_gib <= layout.usable_gib, layout.cache_tokens))
+        what = f"{self.model} at {self.context:,} tokens of context does not fit {self.cluster.label()}"
+        line = f"{what}: closest is {ENGINE_NAMES[best.engine]} {best.name}, {best.refusal}"
+        if self.suggestion is not None:
+            line += (f"; {self.suggestion.label()} ({self.suggestion.gpus} GPUs) fits: "
+                     f"hybrid plan {self.model} --cluster {self.suggestion.spec()}")
+        return line
+
+
+def cluster_command(model: str, cluster: str, context: int | None = None, served_model_name: str | None = None,
+                    ram=None, cores: int | None = None, numa_nodes: int | None = None) -> ClusterPlan:
+    """How vLLM and SGLang serve MODEL on CLUSTER (NODESxGPUSxTYPE or a cluster YAML), with the commands."""
+    name, cfg = resolve_model(model)
+    if cfg.gguf:
+        raise PlanError(f"{model}: --cluster plans the safetensors checkpoint vLLM and SGLang load; a GGUF runs "
+                        "here (hybrid plan without --cluster) or under llama.cpp")
+    if context is not None and context < 1:
+        raise PlanError(f"--context must be a whole number, 1 or more, got {context}")
+    ctx = context or min(cfg.max_position_embeddings, CLUSTER_CONTEXT)
+    if ctx > cfg.max_position_embeddings:
+        raise PlanError(f"--context {ctx:,} is beyond {name}'s {cfg.max_position_embeddings:,} positions "
+                        "(max_position_embeddings)")
+    where = parse_cluster(cluster, ram, cores, numa_nodes)
+    t = target(model, presets.hub_id(model), cfg, ctx, served_model_name)
+    found = layouts(cfg, where, ctx)
+    commands = tuple(c for layout in found if layout.fits for c in launch_commands(layout, where, t))
+    notes = []
+    if t.tool_parser is None:
+        notes.append(f"{cfg.model_type}: no tool-call parser is set (the commands name K2's kimi_k2 only)")
+    if any("${HEAD_IP}" in a for c in commands for a in c.argv):
+        notes.append("set HEAD_IP to node 0's address on every node (or give head_ip in a cluster YAML)")
+    if any("${MODEL_DIR}" in a for c in commands for a in c.argv):
+        notes.append(f"set MODEL_DIR to a local download of {t.model}: kt-kernel reads the experts from a folder")
+    if any(layout.engine == SGLANG_KT and layout.fits for layout in found) and where.node.cores is None:
+        notes.append("give --cores (physical cores per node) to set kt-kernel's CPU threads (--kt-cpuinfer)")
+    suggestion = None if any(layout.fits for layout in found) else smallest_fit(cfg, where, ctx)
+    return ClusterPlan(name, where, ctx, t, checkpoint_gib(cfg), cfg.kv_cache_bytes_per_token / 1024, tuple(found),
+                       commands, tuple(notes), suggestion)

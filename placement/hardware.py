@@ -42,6 +42,7 @@ GPU_TABLE = {
     "RTX A6000": (48, 768, 155, 24), "RTX 6000 Ada": (48, 960, 365, 24), "L40S": (48, 864, 362, 24),
     "RTX PRO 6000": (96, 1792, 500, 48), "A100 40GB": (40, 1555, 312, 24), "A100 80GB": (80, 2039, 312, 24),
     "H100 PCIe": (80, 2000, 756, 48), "H100": (80, 3350, 989, 48), "H200": (141, 4800, 989, 48),
+    "H20": (96, 4000, 148, 48),
 }
 MEMORY_MTS = {"DDR4-2400": 2400, "DDR4-2666": 2666, "DDR4-2933": 2933, "DDR4-3200": 3200, "DDR5-4800": 4800,
               "DDR5-5600": 5600, "DDR5-6000": 6000, "DDR5-6400": 6400}
@@ -146,7 +147,7 @@ def parse_size_gib(text, what: str, key: str = "ram_gib") -> float:
 
 
 def gpu_from_name(name: str, memory_gib: float | None = None) -> GPU:
-    key = _match_gpu(name)
+    key = match_gpu(name)
     if key is None:
         known = ", ".join(GPU_TABLE)
         raise PlanError(f"GPU {name!r} is not in the table ({known}); describe it in a hardware YAML "
@@ -155,7 +156,7 @@ def gpu_from_name(name: str, memory_gib: float | None = None) -> GPU:
     return GPU(key, float(memory_gib or mem), bw, tflops, pcie)
 
 
-def _match_gpu(name: str):
+def match_gpu(name: str):
     norm = re.sub(r"[^a-z0-9]", "", name.lower())
     best = None
     for key in GPU_TABLE:
@@ -299,7 +300,7 @@ def _detect_gpus() -> tuple[GPU, ...]:
 def _detect_gpu(torch, index: int) -> GPU:
     props = torch.cuda.get_device_properties(index)
     free, total = torch.cuda.mem_get_info(index)
-    key = _match_gpu(props.name)
+    key = match_gpu(props.name)
     bw, tflops, pcie = GPU_TABLE[key][1:] if key else (1000.0, 100.0, 24.0)
     return GPU(props.name, free / 2**30, bw, tflops, pcie)
 

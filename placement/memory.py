@@ -17,7 +17,7 @@ from cpu_kernels.formats import WRITABLE_NAMES, Format, matrix_bytes, parse_form
 from cpu_kernels.formats.gguf import block_geometry
 from hybrid.errors import PlanError
 from hybrid.read.config import ModelConfig
-from hybrid.read.names import expected_tensors, expert_key, parse_expert_key, stored_key
+from hybrid.read.names import expected_tensors, expert_key, int4_stored, parse_expert_key, quantizable, stored_key
 
 GIB = 2**30
 GGUF = "gguf"  # the plan format of a GGUF checkpoint's tensors kept as stored
@@ -66,6 +66,24 @@ def tensor_bytes(name: str, shape, fmt: str, cfg: ModelConfig | None = None) -> 
             return 2 * numel(shape)
         return numel(shape) + 4 * (-(-shape[0] // 128)) * (-(-shape[1] // 128))
     return matrix_bytes(parse_format(fmt), shape[0], shape[1])
+
+
+def checkpoint_bytes(cfg: ModelConfig, name: str, shape) -> int:
+    """Bytes of tensor `name` [shape] as the checkpoint stores it, which is how vLLM and SGLang hold it on a GPU:
+    block-FP8 weights with their fp32 block scales, pack-quantized INT4 experts (int32 words of 8 codes, a bf16 scale
+    per group, the [2] shape as compressed-tensors writes it, int64), a GGUF's types, the rest in the checkpoint's 16-bit dtype; the router's
+    correction bias is fp32 in every DeepSeek-V3-family checkpoint."""
+    if cfg.gguf:
+        return stored_bytes(cfg, name, shape)
+    if name.endswith("e_score_correction_bias"):
+        return 4 * numel(shape)
+    if cfg.int4_group and int4_stored(name, cfg):
+        n_out, n_in = shape
+        return n_out * n_in // 2 + 2 * n_out * (n_in // cfg.int4_group) + 16
+    if cfg.fp8_block and quantizable(name):
+        rows, cols = cfg.fp8_block
+        return numel(shape) + 4 * (-(-shape[0] // rows)) * (-(-shape[1] // cols))
+    return TORCH_BYTES["fp32" if cfg.torch_dtype in ("float32", "fp32") else "bf16"] * numel(shape)
 
 
 _STORED: dict[int, tuple] = {}  # id(cfg) -> (cfg, its stored_types as a dict)
