@@ -160,9 +160,13 @@ def test_runtime_on_int4_kernels_gives_the_reference_tokens(thinking):
     """(b) Greedy tokens of the hybrid runtime (routed experts on the CPU int4-g32 kernels, loaded by repacking)
     against the plain torch model whose routed experts are tests/reference.py's loop on the package's
     decompressed weights. On AVX2 the kernels multiply by int8-rounded inputs (activations.py), so the reference
-    rounds its experts' inputs the same way (reference.int8_rounded): then 32 tokens agree and the logits to 1e-4.
-    Against the unrounded reference the logits differ by the rounding alone (< 2 %, a fifth of what re-quantizing
-    the experts into int4-g128 costs), too much for token equality on this random model (it diverges at token 5)."""
+    rounds its experts' inputs the same way (reference.int8_rounded): then 32 tokens agree and the logits to 1e-4 at
+    all but rare positions where an input lands within float32's precision of a rounding tie (half an int8 step:
+    the kernel rounds float32 values, the reference float64 ones), which moves that one input by one step and its
+    position's logits by ~1e-3; which positions hit a tie depends on the CPU's float32 arithmetic upstream (seen on
+    a Zen 4 with AVX-512: 1 of 48 positions, 2.3e-3). Against the unrounded reference the logits differ by the
+    rounding alone (< 2 %, a fifth of what re-quantizing the experts into int4-g128 costs), too much for token
+    equality on this random model (it diverges at token 5)."""
     from hybrid.generation.generate import Stats, generate
     from hybrid.generation.sampling import SamplingParams
     from hybrid.run.experts import HybridExperts
@@ -186,7 +190,9 @@ def test_runtime_on_int4_kernels_gives_the_reference_tokens(thinking):
     assert isinstance(model.model.layers[1].mlp.experts, HybridExperts)
     rounded = with_reference_experts(load_model(thinking), ckpt, int8_inputs=HAS_AVX2)
     ids = torch.randint(0, 512, (1, 48), generator=torch.Generator().manual_seed(0))
-    assert rel_err(model(ids), rounded(ids)) < 1e-4
+    got, want = model(ids)[0], rounded(ids)[0]
+    per_position = (got - want).norm(dim=-1) / want.norm(dim=-1)
+    assert (per_position < 1e-4).float().mean() >= 0.9 and per_position.max() < 1e-2, per_position
     assert greedy(model, ids) == greedy(rounded, ids)
     if HAS_AVX2:
         plain = with_reference_experts(load_model(thinking), ckpt, int8_inputs=False)
