@@ -8,7 +8,7 @@ from placement.cluster import (ENGINE_NAMES, SGLANG_KT, Cluster, Layout, checkpo
                                smallest_fit)
 from placement.hardware import Hardware
 from placement.ktransformers import translate
-from placement.launch import Command, Target, commands as launch_commands, target
+from placement.launch import HEAD_IP, MODEL_DIR, Command, Target, commands as launch_commands, target
 from placement.memory import GIB, default_expert_format, largest_chunk
 from placement.plan import Architecture, Plan, Settings
 from placement.plan_file import load_plan, save_plan
@@ -128,9 +128,9 @@ def cluster_command(model: str, cluster: str, context: int | None = None, served
     notes = []
     if t.tool_parser is None:
         notes.append(f"{cfg.model_type}: no tool-call parser is set (the commands name K2's kimi_k2 only)")
-    if any("${HEAD_IP}" in a for c in commands for a in c.argv):
+    if any(HEAD_IP in a for c in commands for a in c.argv):
         notes.append("set HEAD_IP to node 0's address on every node (or give head_ip in a cluster YAML)")
-    if any("${MODEL_DIR}" in a for c in commands for a in c.argv):
+    if any(MODEL_DIR in a for c in commands for a in c.argv):
         notes.append(f"set MODEL_DIR to a local download of {t.model}: kt-kernel reads the experts from a folder")
     if any(layout.engine == SGLANG_KT and layout.fits for layout in found) and where.node.cores is None:
         notes.append("give --cores (physical cores per node) to set kt-kernel's CPU threads (--kt-cpuinfer)")

@@ -33,7 +33,7 @@ Cluster YAML (`--cluster cluster.yaml`), every node alike:
 
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 from pathlib import Path
 
@@ -108,15 +108,14 @@ def parse_cluster(text: str, ram=None, cores: int | None = None, numa_nodes: int
             raise PlanError(f"--cluster {text!r}: GPU {m[3]!r} is not in the table ({', '.join(GPU_TABLE)}); give its "
                             "memory in a cluster YAML (gpu: {name: ..., memory_gib: ...})")
         cluster = Cluster(nodes, Node(gpus, gpu_from_name(m[3])))
-    node = cluster.node
+    each = {}
     if ram is not None:
-        node = Node(node.gpus, node.gpu, parse_size_gib(ram, "--ram"), node.cores, node.numa_nodes)
+        each["ram_gib"] = parse_size_gib(ram, "--ram")
     if cores is not None:
-        node = Node(node.gpus, node.gpu, node.ram_gib, checked_number("--cores", "cores", cores), node.numa_nodes)
+        each["cores"] = checked_number("--cores", "cores", cores)
     if numa_nodes is not None:
-        node = Node(node.gpus, node.gpu, node.ram_gib, node.cores, checked_number("--numa-nodes", "numa_nodes",
-                                                                                  numa_nodes))
-    return Cluster(cluster.nodes, node, cluster.head_ip, cluster.source)
+        each["numa_nodes"] = checked_number("--numa-nodes", "numa_nodes", numa_nodes)
+    return replace(cluster, node=replace(cluster.node, **each))
 
 
 CLUSTER_KEYS = {"nodes", "gpus_per_node", "gpu", "gpu_memory_gib", "ram_gib", "cores", "numa_nodes", "head_ip"}
@@ -283,12 +282,8 @@ def _fill(layout: Layout, cfg, weight_bytes: float, usable_gib: float, per_token
     elif refusal is None and cache_tokens < context:
         refusal = (f"{weights_gib:,.1f} GiB of weights per GPU leave {usable_gib - weights_gib:,.1f} GiB of "
                    f"{usable_gib:,.1f}: cache for {cache_tokens:,} tokens, under the context of {context:,}")
-    return _with(layout, weights_gib=weights_gib, usable_gib=usable_gib, cache_tokens=cache_tokens,
-                 sequences=sequences, refusal=refusal)
-
-
-def _with(layout: Layout, **changes) -> Layout:
-    return Layout(**(vars(layout) | changes))
+    return replace(layout, weights_gib=weights_gib, usable_gib=usable_gib, cache_tokens=cache_tokens,
+                   sequences=sequences, refusal=refusal)
 
 
 def _kt_layout(cfg, cluster: Cluster, context: int) -> Layout:
@@ -313,13 +308,13 @@ def _kt_layout(cfg, cluster: Cluster, context: int) -> Layout:
     gpu_experts = min(max(int(spare // per_expert), 0), cfg.n_routed_experts) if refusal is None else 0
     layout = _fill(layout, cfg, base + gpu_experts * per_expert, usable, cfg.kv_cache_bytes_per_token, context,
                    refusal)
-    return _with(layout, gpu_experts=gpu_experts)
+    return replace(layout, gpu_experts=gpu_experts)
 
 
 def smallest_fit(cfg: ModelConfig, cluster: Cluster, context: int, max_nodes: int = 16) -> Cluster | None:
     """The fewest nodes like this cluster's that some layout fits (None within max_nodes)."""
     for nodes in range(1, max_nodes + 1):
-        bigger = Cluster(nodes, Node(cluster.node.gpus, cluster.node.gpu), cluster.head_ip, cluster.source)
+        bigger = replace(cluster, nodes=nodes, node=Node(cluster.node.gpus, cluster.node.gpu))
         if any(layout.fits for layout in layouts(cfg, bigger, context)):
             return bigger
     return None
