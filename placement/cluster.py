@@ -37,12 +37,10 @@ from dataclasses import dataclass, replace
 from functools import lru_cache
 from pathlib import Path
 
-import yaml
-
 from hybrid.errors import PlanError
 from hybrid.read.config import ModelConfig
 from placement.hardware import (GPU, GPU_TABLE, RAM_RESERVE_GIB, match_gpu, checked_number, gpu_from_name,
-                                parse_size_gib)
+                                parse_size_gib, read_yaml_keys)
 from placement.memory import GIB, checkpoint_bytes, tensors
 
 # What each engine leaves to weights and cache. vLLM: --gpu-memory-utilization of the card (0.92 by default in
@@ -122,15 +120,7 @@ CLUSTER_KEYS = {"nodes", "gpus_per_node", "gpu", "gpu_memory_gib", "ram_gib", "c
 
 
 def load_cluster(path: Path) -> Cluster:
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except (OSError, yaml.YAMLError) as e:
-        raise PlanError(f"{path}: cannot read cluster YAML ({e})".replace("\n", " ")) from None
-    if not isinstance(raw, dict):
-        raise PlanError(f"{path}: a cluster YAML is a mapping of keys ({', '.join(sorted(CLUSTER_KEYS))})")
-    unknown = set(raw) - CLUSTER_KEYS
-    if unknown:
-        raise PlanError(f"{path}: unknown key '{sorted(unknown)[0]}' (known: {', '.join(sorted(CLUSTER_KEYS))})")
+    raw = read_yaml_keys(path, "cluster", CLUSTER_KEYS)
     for key in ("gpus_per_node", "gpu"):
         if key not in raw:
             raise PlanError(f"{path}: key '{key}' is missing")

@@ -214,17 +214,23 @@ HW_KEYS = {"gpu", "gpu_memory_gib", "ram_gib", "ram_available_gib", "memory", "r
            "cpu_kernel_efficiency", "cpu_torch_efficiency"}
 
 
-def load_hardware(path) -> Hardware:
-    path = Path(path)
+def read_yaml_keys(path: Path, what: str, keys: set[str]) -> dict:
+    """A hand-written YAML file of `keys`: a typo in a key is an error naming it, never a silently ignored line."""
     try:
         raw = yaml.safe_load(path.read_text()) or {}
     except (OSError, yaml.YAMLError) as e:
-        raise PlanError(f"{path}: cannot read hardware YAML ({e})".replace("\n", " ")) from None
+        raise PlanError(f"{path}: cannot read {what} YAML ({e})".replace("\n", " ")) from None
     if not isinstance(raw, dict):
-        raise PlanError(f"{path}: a hardware YAML is a mapping of keys ({', '.join(sorted(HW_KEYS))})")
-    unknown = set(raw) - HW_KEYS
+        raise PlanError(f"{path}: a {what} YAML is a mapping of keys ({', '.join(sorted(keys))})")
+    unknown = set(raw) - keys
     if unknown:
-        raise PlanError(f"{path}: unknown key '{sorted(unknown)[0]}' (known: {', '.join(sorted(HW_KEYS))})")
+        raise PlanError(f"{path}: unknown key '{sorted(unknown)[0]}' (known: {', '.join(sorted(keys))})")
+    return raw
+
+
+def load_hardware(path) -> Hardware:
+    path = Path(path)
+    raw = read_yaml_keys(path, "hardware", HW_KEYS)
     try:
         return _hardware_from_dict(raw, str(path))
     except (TypeError, ValueError, KeyError) as e:
