@@ -7,8 +7,8 @@ before it loads anything (vLLM: validate_parsed_serve_args and its registered to
 SGLang: the parsers are argparse choices). What the engine then reads must be the layout the planner sized: vLLM's
 engine arguments (tensor and data parallel sizes, expert parallelism, context, and --gpu-memory-utilization, whose
 default the planner's memory sum assumes), SGLang's tp size, context, nodes and kt-kernel expert split, with no
---mem-fraction-static (the planner assumes SGLang's own reserve). Negative controls (a misspelled flag, a parser name the engine does not
-register) must be refused, or the check proves nothing. Ray's commands are not parsed.
+--mem-fraction-static (the planner assumes SGLang's own reserve). Negative controls (a misspelled flag, a parser
+name the engine does not register) must be refused, or the check proves nothing. Ray's commands are not parsed.
 
 In a scratch venv beside this repository, never in the project's (the engines pin their own torch; --no-deps
 keeps this machine's CPU torch, and the modules they import at parse time come one by one):

@@ -268,7 +268,8 @@ def _fill(layout: Layout, cfg, weight_bytes: float, usable_gib: float, per_token
     cache_tokens = max(int((usable_gib - weights_gib) * GIB // per_token), 0)
     sequences = cache_tokens // context * layout.dp
     if refusal is None and weights_gib > usable_gib:
-        refusal = f"{weights_gib:,.1f} GiB of weights per GPU exceed the {usable_gib:,.1f} GiB {ENGINE_NAMES[layout.engine]} leaves"
+        refusal = (f"{weights_gib:,.1f} GiB of weights per GPU exceed the {usable_gib:,.1f} GiB "
+                   f"{ENGINE_NAMES[layout.engine]} leaves")
     elif refusal is None and cache_tokens < context:
         refusal = (f"{weights_gib:,.1f} GiB of weights per GPU leave {usable_gib - weights_gib:,.1f} GiB of "
                    f"{usable_gib:,.1f}: cache for {cache_tokens:,} tokens, under the context of {context:,}")

@@ -129,7 +129,8 @@ def _vllm_dp(layout: Layout, cluster: Cluster, t: Target, head: str) -> list[Com
     multi = ["--data-parallel-size-local", str(g), "--data-parallel-address", head,
              "--data-parallel-rpc-port", str(DP_RPC_PORT)]
     out = [Command(VLLM, layout.name, 0, tuple(base + multi))]
-    out += [Command(VLLM, layout.name, k, tuple(base + multi + ["--headless", "--data-parallel-start-rank", str(k * g)]))
+    out += [Command(VLLM, layout.name, k,
+                    tuple(base + multi + ["--headless", "--data-parallel-start-rank", str(k * g)]))
             for k in range(1, cluster.nodes)]
     return out
 

@@ -71,8 +71,8 @@ def tensor_bytes(name: str, shape, fmt: str, cfg: ModelConfig | None = None) -> 
 def checkpoint_bytes(cfg: ModelConfig, name: str, shape) -> int:
     """Bytes of tensor `name` [shape] as the checkpoint stores it, which is how vLLM and SGLang hold it on a GPU:
     block-FP8 weights with their fp32 block scales, pack-quantized INT4 experts (int32 words of 8 codes, a bf16 scale
-    per group, the [2] shape as compressed-tensors writes it, int64), a GGUF's types, the rest in the checkpoint's 16-bit dtype; the router's
-    correction bias is fp32 in every DeepSeek-V3-family checkpoint."""
+    per group, the [2] shape as compressed-tensors writes it, int64), a GGUF's types, the rest in the checkpoint's
+    16-bit dtype; the router's correction bias is fp32 in every DeepSeek-V3-family checkpoint."""
     if cfg.gguf:
         return stored_bytes(cfg, name, shape)
     if name.endswith("e_score_correction_bias"):

@@ -78,13 +78,13 @@ def cluster_table(plan) -> Group:
         table.add_column(col, justify="left" if col in ("engine", "layout", "fits") else "right")
     for layout in plan.layouts:
         verdict = Text("yes", style="green") if layout.fits else Text("no", style="red")
-        table.add_row(ENGINE_NAMES[layout.engine], layout.name, f"{layout.weights_gib:,.1f}", f"{layout.usable_gib:,.1f}",
-                      f"{layout.cache_tokens:,}", str(layout.sequences), verdict)
+        table.add_row(ENGINE_NAMES[layout.engine], layout.name, f"{layout.weights_gib:,.1f}",
+                      f"{layout.usable_gib:,.1f}", f"{layout.cache_tokens:,}", str(layout.sequences), verdict)
     why = [Text.assemble((f"{ENGINE_NAMES[layout.engine]} {layout.name}: ", "bold"), layout.refusal)
            for layout in plan.layouts if not layout.fits]
     why += [Text.assemble((f"{ENGINE_NAMES[layout.engine]} {layout.name}: ", "bold"),
-                          f"{layout.gpu_experts} of each MoE layer's experts on the GPUs, all "
-                          f"{layout.ram_gib:,.1f} GiB of routed experts in RAM for the CPU (kt-method {layout.kt_method})")
+                          f"{layout.gpu_experts} of each MoE layer's experts on the GPUs, all {layout.ram_gib:,.1f} "
+                          f"GiB of routed experts in RAM for the CPU (kt-method {layout.kt_method})")
             for layout in plan.layouts if layout.kt_method and layout.fits]
     return Group(table, *why)
 

@@ -26,7 +26,8 @@ def load(name: str) -> ModelConfig | None:
 
 
 # The Hugging Face repository each preset's checkpoint is published in: what vLLM and SGLang load (placement.launch).
-HUB_IDS = {"kimi-k2-instruct-0905": "moonshotai/Kimi-K2-Instruct-0905", "kimi-k2-instruct": "moonshotai/Kimi-K2-Instruct",
+HUB_IDS = {"kimi-k2-instruct-0905": "moonshotai/Kimi-K2-Instruct-0905",
+           "kimi-k2-instruct": "moonshotai/Kimi-K2-Instruct",
            "kimi-k2-thinking": "moonshotai/Kimi-K2-Thinking", "deepseek-v3": "deepseek-ai/DeepSeek-V3",
            "moonlight-16b-a3b": "moonshotai/Moonlight-16B-A3B-Instruct",
            # aliases that share a preset's config but not its checkpoint
