@@ -34,7 +34,7 @@ from rich.console import Console
 from rich.table import Table
 
 from placement.api import cluster_command
-from placement.cluster import VLLM_UTILIZATION, Layout
+from placement.cluster import SGLANG, SGLANG_KT, VLLM, VLLM_UTILIZATION, Layout
 from placement.launch import ENGINE_VERSIONS, HEAD_IP, MODEL_DIR
 
 os.environ.setdefault("VLLM_TARGET_DEVICE", "cpu")
@@ -78,7 +78,7 @@ def _differs(what: str, engine_reads, planned) -> None:
         raise ValueError(f"the engine reads {what} {engine_reads!r}, the planner sized {planned!r}")
 
 
-class VLLM:
+class VLLMParser:
     def __init__(self):
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.entrypoints.common.cli_args import make_arg_parser, validate_parsed_serve_args
@@ -114,7 +114,7 @@ class VLLM:
         return _refusal(run)
 
 
-class SGLang:
+class SGLangParser:
     def __init__(self):
         from sglang.srt.server_args import ServerArgs
         self.parser = argparse.ArgumentParser(prog="python -m sglang.launch_server")
@@ -140,11 +140,13 @@ class SGLang:
 
 def main() -> int:
     console = Console()
-    engines = {"vllm": VLLM(), "sglang": SGLang()}
-    engines["sglang+kt-kernel"] = engines["sglang"]
-    installed = {"vllm": version("vllm"), "sglang": version("sglang")}
+    engines = {VLLM: VLLMParser(), SGLANG: SGLangParser()}
+    engines[SGLANG_KT] = engines[SGLANG]
+    # SGLang + kt-kernel is the sglang package.
+    installed = {VLLM: version("vllm"), SGLANG: version("sglang")}
+    installed[SGLANG_KT] = installed[SGLANG]
     for name, want in ENGINE_VERSIONS.items():
-        have = installed[name.split("+")[0]]
+        have = installed[name]
         if have != want:
             console.print(f"[yellow]{name}: {have} installed, the commands are written for {want}[/]")
 
@@ -156,14 +158,14 @@ def main() -> int:
     for model, cluster, extra in SCENARIOS:
         plan = cluster_command(model, cluster, **extra)
         for cmd in plan.commands:
-            if cmd.engine == "ray":
+            if cmd.engine not in engines:  # ray's start commands
                 continue
             layout = next(x for x in plan.layouts if x.engine == cmd.engine and x.name == cmd.layout)
-            extra = {} if cmd.engine == "vllm" else {"nodes": plan.cluster.nodes}
-            why = engines[cmd.engine].check(_fill(cmd.argv), layout, plan.context, **extra)
+            nodes = {} if cmd.engine == VLLM else {"nodes": plan.cluster.nodes}
+            why = engines[cmd.engine].check(_fill(cmd.argv), layout, plan.context, **nodes)
             checked += 1
             failures += why is not None
-            table.add_row(model, cluster, cmd.layout, f"{cmd.engine} {installed[cmd.engine.split('+')[0]]}",
+            table.add_row(model, cluster, cmd.layout, f"{cmd.engine} {installed[cmd.engine]}",
                           "-" if cmd.node is None else str(cmd.node),
                           "[green]parsed[/]" if why is None else f"[red]{why}[/]")
     console.print(table)
@@ -172,32 +174,33 @@ def main() -> int:
     vllm_ok = ["vllm", "serve", "moonshotai/Kimi-K2-Instruct-0905", "--tensor-parallel-size", "8"]
     sglang_ok = ["python", "-m", "sglang.launch_server", "--model-path", "moonshotai/Kimi-K2-Instruct-0905"]
     controls = [
-        ("vllm", vllm_ok + ["--tensor-paralel-size", "8"]),
-        ("vllm", vllm_ok + ["--enable-auto-tool-choice", "--tool-call-parser", "not_a_parser"]),
-        ("vllm", vllm_ok + ["--reasoning-parser", "not_a_parser"]),
-        ("vllm", vllm_ok + ["--enable-auto-tool-choice"]),
-        ("sglang", sglang_ok + ["--tp-sise", "8"]),
-        ("sglang", sglang_ok + ["--tool-call-parser", "not_a_parser"]),
-        ("sglang", sglang_ok + ["--reasoning-parser", "not_a_parser"]),
+        (VLLM, vllm_ok + ["--tensor-paralel-size", "8"]),
+        (VLLM, vllm_ok + ["--enable-auto-tool-choice", "--tool-call-parser", "not_a_parser"]),
+        (VLLM, vllm_ok + ["--reasoning-parser", "not_a_parser"]),
+        (VLLM, vllm_ok + ["--enable-auto-tool-choice"]),
+        (SGLANG, sglang_ok + ["--tp-sise", "8"]),
+        (SGLANG, sglang_ok + ["--tool-call-parser", "not_a_parser"]),
+        (SGLANG, sglang_ok + ["--reasoning-parser", "not_a_parser"]),
     ]
     ctrl = Table(title="negative controls (each must be refused)")
     ctrl.add_column("engine")
     ctrl.add_column("extra arguments")
     ctrl.add_column("engine says")
     for name, argv in controls:
-        base = vllm_ok if name == "vllm" else sglang_ok
-        if engines[name].check(base) is not None:
-            console.print(f"[red]{name}: the control's base command is refused: {engines[name].check(base)}[/]")
+        base = vllm_ok if name == VLLM else sglang_ok
+        base_refused = engines[name].check(base)
+        if base_refused is not None:
+            console.print(f"[red]{name}: the control's base command is refused: {base_refused}[/]")
             failures += 1
         why = engines[name].check(argv)
         failures += why is None
         ctrl.add_row(name, " ".join(argv[len(base):]), "[red]accepted[/]" if why is None else why)
     # ... and so must a command whose parallel size is not the layout's.
-    why = engines["vllm"].check(vllm_ok, Layout("vllm", "TP16", 16), 131072)
+    why = engines[VLLM].check(vllm_ok, Layout(VLLM, "TP16", 16), 131072)
     failures += why is None
-    ctrl.add_row("vllm", "(TP8 command checked against a TP16 layout)", "[red]accepted[/]" if why is None else why)
+    ctrl.add_row(VLLM, "(TP8 command checked against a TP16 layout)", "[red]accepted[/]" if why is None else why)
     console.print(ctrl)
-    registered = engines["vllm"]
+    registered = engines[VLLM]
     console.print(f"vLLM registers tool-call parser kimi_k2: {'kimi_k2' in registered.tools}, "
                   f"reasoning parser kimi_k2: {'kimi_k2' in registered.reasoning}")
     console.print(f"{checked} commands parsed, {failures} failures ({sys.platform}, python {sys.version.split()[0]})")
